@@ -1,0 +1,72 @@
+// Declarations of every compiled kernel entry point of hot_kernels._C.
+//
+// Semantics of every op: ../shared/DESIGN.md and the docstrings of hot_kernels/reference.py (the
+// oracle). Inputs reach these functions already validated by hot_kernels/_validate.py (shapes,
+// dtypes, ranges, devices); the TORCH_CHECKs inside are a second line of defence that names the
+// argument. Inputs may be non-contiguous: each entry point makes what it needs contiguous.
+//
+// Dtypes: float32 and float64 are computed in their own precision; float16/bfloat16 inputs are
+// computed with float32 accumulation. Index outputs are int64.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace hot_kernels {
+
+// ---- CPU (csrc/cpu/) -------------------------------------------------------------------------
+
+// x (B, N, C), y (B, M, C) or none (= x, bit-symmetric, zero diagonal) -> D (B, N, M), dtype of x.
+at::Tensor pairwise_distance_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y);
+// grad (B, N, M), dist = forward output -> (grad_x (B, N, C), grad_y (B, M, C) or an empty tensor
+// when y is none: then grad_x holds both roles of x). d|v|/dv at v = 0 is 0.
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(
+    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& y,
+    const at::Tensor& dist);
+
+// x (B, N, C), token_mask (B, N) bool or none -> density (B, N) (float32 for half inputs), or the
+// log-density when log is true.
+at::Tensor knn_density_cpu(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& token_mask,
+                           bool log);
+
+// x (B, N, C), density (B, N) -> (delta (B, N), parent (B, N) int64).
+std::tuple<at::Tensor, at::Tensor> dpc_delta_cpu(const at::Tensor& x, const at::Tensor& density,
+                                                 const std::optional<at::Tensor>& token_mask);
+
+// score (B, N), exclude (B,) int64 or none -> index (B, f) int64.
+at::Tensor topf_select_cpu(const at::Tensor& score, int64_t f, bool sorted,
+                           const std::optional<at::Tensor>& exclude);
+
+// The fused TPC selection -> (index (B, f) int64, assignment (B, N) int64 or (B, 0) when not asked).
+std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, int64_t k,
+                                               const std::optional<at::Tensor>& token_mask,
+                                               std::optional<int64_t> center, bool keep_center,
+                                               bool sorted, bool return_assignment);
+
+// Token recovering attention. query (1 or S, L, C), x (S, M, C), weights (C, C), biases (C) or none.
+// Returns {out (S, L, C), lse (S, H, L) float32/float64}: what the backward needs besides the inputs.
+std::vector<at::Tensor> token_recovering_attention_cpu(
+    const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual);
+// Returns {d_query (shape of query: summed over S when shared), d_x, d_wq, d_bq, d_wk, d_bk, d_wv,
+// d_bv, d_wo, d_bo}; a bias gradient is an empty tensor when that bias is none.
+std::vector<at::Tensor> token_recovering_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
+    bool residual);
+
+#ifdef HOT_KERNELS_WITH_CUDA
+// ---- CUDA (csrc/cuda/) -----------------------------------------------------------------------
+// Build probe: out[i] = i for i in [0, n), int64 on the current CUDA device. Proves that the
+// CUDA half of the extension was compiled, linked and can launch a kernel.
+at::Tensor cuda_iota(int64_t n);
+#endif
+
+}  // namespace hot_kernels
