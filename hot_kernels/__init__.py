@@ -1,0 +1,38 @@
+"""hot_kernels: fused kernels for the Hourglass Tokenizer (HoT) of video pose transformers.
+
+Token pruning by density-peaks clustering (``dpc_knn``, ``token_pruning_cluster`` and their parts
+``pairwise_distance``, ``knn_density``, ``dpc_delta``, ``topf_select``) and token recovering
+attention (``token_recovering_attention``), on the ``reference`` (PyTorch), ``cpu`` (C++),
+``cuda`` and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
+"""
+from . import _ops  # noqa: F401  (registers the torch.library ops)
+from . import reference
+from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
+from ._validate import HotKernelsInputError
+from .functional import (
+    dpc_delta,
+    dpc_knn,
+    knn_density,
+    pairwise_distance,
+    token_pruning_cluster,
+    token_recovering_attention,
+    topf_select,
+)
+from .version import __version__
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "HotKernelsInputError",
+    "__version__",
+    "available_backends",
+    "dpc_delta",
+    "dpc_knn",
+    "knn_density",
+    "pairwise_distance",
+    "reference",
+    "token_pruning_cluster",
+    "token_recovering_attention",
+    "topf_select",
+    "use_backend",
+]

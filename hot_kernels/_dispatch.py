@@ -1,0 +1,149 @@
+"""The one choice point: which backend runs a call.
+
+Order of precedence: an explicit ``backend=`` argument, else ``hot_kernels.use_backend(...)``,
+else the ``HOT_KERNELS_BACKEND`` environment variable, else the default for the tensor's device.
+A backend asked for in any of the first three ways must be able to run the call, or the call
+raises :class:`BackendUnavailableError` saying what is missing: never a silent fallback. The
+device default picks the first backend of its preference list that can run the call, and
+``reference`` can run everything.
+
+Each backend declares what it supports (:func:`refusal` returns the reason it cannot run a call,
+or None), in the way of xformers' ``not_supported_reasons``.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "HOT_KERNELS_BACKEND"
+
+# Default backend order on CUDA tensors, per op. No GPU run has been recorded yet, so this is the
+# order of the compiled paths (triton before cuda, as Triton kernels land first), not a measured
+# one: benchmarks/results/ and the GPU issue replace it with the measured fastest per op.
+CUDA_PREFERENCE = {
+    "pairwise_distance": ("triton", "cuda", "reference"),
+    "knn_density": ("triton", "cuda", "reference"),
+    "dpc_delta": ("triton", "cuda", "reference"),
+    "topf_select": ("triton", "cuda", "reference"),
+    "dpc_knn": ("triton", "cuda", "reference"),
+    "token_recovering_attention": ("triton", "cuda", "reference"),
+}
+CPU_PREFERENCE = ("cpu", "reference")
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend that was asked for cannot run this call; the message says why."""
+
+
+# use_backend() state: a plain module-level stack (readable by torch.compile's tracer).
+_override: list[str] = []
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run every hot_kernels call inside the ``with`` block on backend ``name``.
+
+    >>> with hot_kernels.use_backend("reference"):
+    ...     index = hot_kernels.dpc_knn(x, 81)
+    """
+    _check_name(name, "use_backend(name)")
+    _override.append(name)
+    try:
+        yield
+    finally:
+        _override.pop()
+
+
+def _check_name(name, where: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``backend`` cannot run ``op`` on tensors of this device and dtype (None if it can)."""
+    if dtype not in _FLOAT_DTYPES:
+        return f"it needs float16, bfloat16, float32 or float64 input, got {dtype}"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if _ext.C is None:
+            return f"the cpu backend needs the compiled extension hot_kernels._C, which is not available ({_ext.ERROR})"
+        if device.type != "cpu":
+            return f"the cpu backend runs on CPU tensors; the input is on {device}"
+        if op not in _ext.ops_for_device("cpu"):
+            return f"this build's cpu backend has no {op}"
+        return None
+    if backend == "cuda":
+        if _ext.C is None:
+            return f"the cuda backend needs the compiled extension hot_kernels._C, which is not available ({_ext.ERROR})"
+        if not _ext.C.with_cuda:
+            return "the cuda backend needs hot_kernels._C built with CUDA; this build has: cpu"
+        if device.type != "cuda":
+            return f"the cuda backend runs on CUDA tensors; the input is on {device}"
+        if op not in _ext.ops_for_device("cuda"):
+            return f"this build's cuda backend has no {op} yet"
+        return None
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        if triton_backend.IMPORT_ERROR is not None:
+            return f"the triton backend needs the triton package ({triton_backend.IMPORT_ERROR})"
+        if device.type == "cpu" and not _triton_interpret():
+            return "the triton backend runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1"
+        if device.type not in ("cpu", "cuda"):
+            return f"the triton backend runs on CUDA tensors; the input is on {device}"
+        if op not in triton_backend.OPS:
+            return f"the triton backend has no {op} yet"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def requested_backend(backend: str | None = None) -> tuple[str | None, str]:
+    """(name, where it was asked for) of an explicitly requested backend, or (None, "")."""
+    if backend is not None:
+        _check_name(backend, "backend=")
+        return backend, "backend="
+    if _override:
+        return _override[-1], "hot_kernels.use_backend()"
+    env = os.environ.get(ENV_VAR)
+    if env:
+        _check_name(env, ENV_VAR)
+        return env, ENV_VAR
+    return None, ""
+
+
+def resolve(op: str, t: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that runs ``op`` for input ``t``: the requested one, which must be able to run
+    the call, else the first of the device's defaults that can."""
+    name, where = requested_backend(backend)
+    if name is not None:
+        why = refusal(name, op, t.device, t.dtype)
+        if why is not None:
+            raise BackendUnavailableError(f"hot_kernels.{op}: backend {name!r} (asked for by {where}) cannot run this call: {why}")
+        return name
+    preference = CUDA_PREFERENCE[op] if t.device.type == "cuda" else CPU_PREFERENCE
+    reasons = []
+    for candidate in preference + ("reference",):
+        why = refusal(candidate, op, t.device, t.dtype)
+        if why is None:
+            return candidate
+        reasons.append(f"{candidate}: {why}")
+    raise BackendUnavailableError(f"hot_kernels.{op}: no backend can run this call: " + "; ".join(reasons))
+
+
+def available_backends(device: str | torch.device = "cpu", op: str = "dpc_knn",
+                       dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
+    """{backend: None if it can run ``op`` on this device and dtype, else the reason it cannot}."""
+    device = torch.device(device)
+    return {b: refusal(b, op, device, dtype) for b in BACKENDS}

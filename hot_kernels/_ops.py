@@ -1,0 +1,183 @@
+"""Registration: every compiled op is a ``torch.library`` custom op in namespace ``hot_kernels``.
+
+Each op takes the already-resolved backend name as its last argument and calls that backend's
+kernel (``hot_kernels._C`` for "cpu"/"cuda", ``hot_kernels.triton`` for "triton"). A fake (meta)
+implementation gives output shapes without running anything, so ``torch.compile(fullgraph=True)``,
+``torch.export`` and CUDA graphs see one op per call; autograd is registered where DESIGN.md makes
+an op differentiable (pairwise_distance, token_recovering_attention). The ``reference`` backend is
+plain PyTorch and does not go through these ops.
+
+Nothing here validates: hot_kernels/functional.py does, before it calls these.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from .reference import compute_dtype
+
+LIB = "hot_kernels"
+
+
+def _kernels(backend: str):
+    """The module holding ``backend``'s kernel entry points (same function names for each)."""
+    if backend in ("cpu", "cuda"):
+        return _ext.C
+    if backend == "triton":
+        from . import triton as triton_backend
+
+        return triton_backend
+    raise ValueError(f"hot_kernels: backend {backend!r} has no compiled kernels")
+
+
+# ---- pairwise_distance -----------------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{LIB}::pairwise_distance", mutates_args=())
+def pairwise_distance(x: Tensor, y: Optional[Tensor], backend: str) -> Tensor:
+    return _kernels(backend).pairwise_distance(x, y)
+
+
+@pairwise_distance.register_fake
+def _(x, y, backend):
+    return x.new_empty((x.shape[0], x.shape[1], (x if y is None else y).shape[1]))
+
+
+@torch.library.custom_op(f"{LIB}::pairwise_distance_backward", mutates_args=())
+def pairwise_distance_backward(grad: Tensor, x: Tensor, y: Optional[Tensor], dist: Tensor,
+                               backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_kernels(backend).pairwise_distance_backward(grad, x, y, dist))
+
+
+@pairwise_distance_backward.register_fake
+def _(grad, x, y, dist, backend):
+    return torch.empty_like(x), (x.new_empty((0,)) if y is None else torch.empty_like(y))
+
+
+def _pd_setup(ctx, inputs, output):
+    x, y, backend = inputs
+    ctx.backend = backend
+    ctx.has_y = y is not None
+    ctx.save_for_backward(x, y, output)
+
+
+def _pd_backward(ctx, grad):
+    x, y, dist = ctx.saved_tensors
+    gx, gy = pairwise_distance_backward(grad.contiguous(), x, y if ctx.has_y else None, dist, ctx.backend)
+    return gx, (gy if ctx.has_y else None), None
+
+
+pairwise_distance.register_autograd(_pd_backward, setup_context=_pd_setup)
+
+
+# ---- selection statistics and selections (not differentiable) ----------------------------------
+
+
+@torch.library.custom_op(f"{LIB}::knn_density", mutates_args=())
+def knn_density(x: Tensor, k: int, token_mask: Optional[Tensor], log: bool, backend: str) -> Tensor:
+    return _kernels(backend).knn_density(x, k, token_mask, log)
+
+
+@knn_density.register_fake
+def _(x, k, token_mask, log, backend):
+    return x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op(f"{LIB}::dpc_delta", mutates_args=())
+def dpc_delta(x: Tensor, density: Tensor, token_mask: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_kernels(backend).dpc_delta(x, density, token_mask))
+
+
+@dpc_delta.register_fake
+def _(x, density, token_mask, backend):
+    return x.new_empty(x.shape[:2], dtype=compute_dtype(x.dtype)), x.new_empty(x.shape[:2], dtype=torch.long)
+
+
+@torch.library.custom_op(f"{LIB}::topf_select", mutates_args=())
+def topf_select(score: Tensor, f: int, sorted: bool, exclude: Optional[Tensor], backend: str) -> Tensor:
+    return _kernels(backend).topf_select(score, f, sorted, exclude)
+
+
+@topf_select.register_fake
+def _(score, f, sorted, exclude, backend):
+    return score.new_empty((score.shape[0], f), dtype=torch.long)
+
+
+@torch.library.custom_op(f"{LIB}::dpc_knn", mutates_args=())
+def dpc_knn(x: Tensor, f: int, k: int, token_mask: Optional[Tensor], center: Optional[int], keep_center: bool,
+            sorted: bool, return_assignment: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_kernels(backend).dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment))
+
+
+@dpc_knn.register_fake
+def _(x, f, k, token_mask, center, keep_center, sorted, return_assignment, backend):
+    B, N = x.shape[:2]
+    return (x.new_empty((B, f), dtype=torch.long),
+            x.new_empty((B, N if return_assignment else 0), dtype=torch.long))
+
+
+# ---- token_recovering_attention --------------------------------------------------------------
+
+
+@torch.library.custom_op(f"{LIB}::token_recovering_attention", mutates_args=())
+def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor,
+                               bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor], wo: Tensor,
+                               bo: Optional[Tensor], num_heads: int, scale: float, residual: bool,
+                               backend: str) -> tuple[Tensor, Tensor]:
+    """-> (out (S, L, C), lse (S, heads, L)): lse is the softmax statistic the backward needs."""
+    out, lse = _kernels(backend).token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo,
+                                                            num_heads, scale, residual)
+    return out, lse
+
+
+@token_recovering_attention.register_fake
+def _(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, backend):
+    S, _, C = x.shape
+    L = query.shape[1]
+    return x.new_empty((S, L, C)), x.new_empty((S, num_heads, L), dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op(f"{LIB}::token_recovering_attention_backward", mutates_args=())
+def token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor],
+                                        wk: Tensor, bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor],
+                                        wo: Tensor, bo: Optional[Tensor], lse: Tensor, num_heads: int,
+                                        scale: float, residual: bool, backend: str) -> list[Tensor]:
+    """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; a missing bias's is empty."""
+    return list(_kernels(backend).token_recovering_attention_backward(
+        grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual))
+
+
+@token_recovering_attention_backward.register_fake
+def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual, backend):
+    def bias_grad(b):
+        return x.new_empty((0,)) if b is None else torch.empty_like(b)
+
+    return [torch.empty_like(query), torch.empty_like(x), torch.empty_like(wq), bias_grad(bq),
+            torch.empty_like(wk), bias_grad(bk), torch.empty_like(wv), bias_grad(bv),
+            torch.empty_like(wo), bias_grad(bo)]
+
+
+_TRA_TENSORS = ("query", "x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
+
+
+def _tra_setup(ctx, inputs, output):
+    *tensors, num_heads, scale, residual, backend = inputs
+    ctx.num_heads, ctx.scale, ctx.residual, ctx.backend = num_heads, scale, residual, backend
+    ctx.has = [t is not None for t in tensors]
+    ctx.save_for_backward(*tensors, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _tra_backward(ctx, grad_out, _grad_lse):
+    *saved, lse = ctx.saved_tensors
+    tensors = [t if has else None for t, has in zip(saved, ctx.has)]
+    grads = token_recovering_attention_backward(grad_out.contiguous(), *tensors, lse, ctx.num_heads, ctx.scale,
+                                                ctx.residual, ctx.backend)
+    grads = [g if has else None for g, has in zip(grads, ctx.has)]
+    return (*grads, None, None, None, None)
+
+
+token_recovering_attention.register_autograd(_tra_backward, setup_context=_tra_setup)

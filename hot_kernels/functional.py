@@ -1,0 +1,193 @@
+"""The public ops: validate, choose the backend (hot_kernels/_dispatch.py), run.
+
+Every function takes ``backend=`` ("reference", "cpu", "cuda", "triton"); without it the backend
+comes from ``hot_kernels.use_backend``, ``HOT_KERNELS_BACKEND`` or the device default. Semantics
+are those of hot_kernels/reference.py (and DESIGN.md); the shapes are in each docstring.
+
+The selection ops (knn_density, dpc_delta, topf_select, dpc_knn) are not differentiable, as in
+HoT: their outputs never require grad. pairwise_distance, the gather of token_pruning_cluster and
+token_recovering_attention are.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _dispatch, _ops, reference
+from . import _validate as V
+
+__all__ = [
+    "pairwise_distance",
+    "knn_density",
+    "dpc_delta",
+    "topf_select",
+    "dpc_knn",
+    "token_pruning_cluster",
+    "token_recovering_attention",
+]
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
+    """x (B, N, C), y (B, M, C) or None -> D (B, N, M) = ||x_i - y_j|| / sqrt(C), dtype of x.
+
+    y=None means y = x: D is then bit-symmetric with an exactly zero diagonal. Differentiable in
+    x and y; the gradient at zero distance is 0."""
+    op = "pairwise_distance"
+    V.points(op, x)
+    if y is not None:
+        V.points(op, y, "y")
+        if y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
+            V._fail(op, f"y must be (B, M, C) with B = {x.shape[0]} and C = {x.shape[2]} like x, got {tuple(y.shape)}")
+        if y.dtype != x.dtype:
+            V._fail(op, f"y is {y.dtype} but x is {x.dtype}; both must have one dtype")
+        V.same_device(op, "x", x, y=y)
+    name = _dispatch.resolve(op, x, backend)
+    if name == "reference":
+        return reference.pairwise_distance(x, y)
+    return _ops.pairwise_distance(x, y, name)
+
+
+def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None = None, *, log: bool = False,
+                backend: str | None = None) -> torch.Tensor:
+    """x (B, N, C) -> rho (B, N) = exp(-mean of the squares of the k smallest D[i, :]), self included.
+
+    token_mask (B, N) bool, True = real: masked tokens are never neighbours and get rho = 0 (with
+    fewer than k real tokens the mean runs over all real ones). log=True returns log rho, which
+    keeps its order where exp() underflows. float32 for half inputs, else x's dtype."""
+    op = "knn_density"
+    V.points(op, x)
+    k = V.integer(op, "k", k, 1, x.shape[1], f" (neighbours among the N = {x.shape[1]} tokens)")
+    token_mask = V.token_mask(op, token_mask, x)
+    V.boolean(op, "log", log)
+    name = _dispatch.resolve(op, x, backend)
+    x = x.detach()
+    if name == "reference":
+        return reference.knn_density(x, k, token_mask, log)
+    return _ops.knn_density(x, k, token_mask, log, name)
+
+
+def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor | None = None, *,
+              backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, N, C), density (B, N) -> (delta (B, N), parent (B, N) int64).
+
+    delta_i = min D[i, j] over tokens j with higher density (ties -> lower index), parent_i that
+    j (the lowest one at equal distance); the densest token gets the sample's largest distance
+    between real tokens and is its own parent. density may be rho or log rho (same order)."""
+    op = "dpc_delta"
+    V.points(op, x)
+    V.tensor(op, "density", density, "(B, N)", ndim=2)
+    if tuple(density.shape) != tuple(x.shape[:2]):
+        V._fail(op, f"density must have shape (B, N) = {tuple(x.shape[:2])}, got {tuple(density.shape)}")
+    V.same_device(op, "x", x, density=density)
+    token_mask = V.token_mask(op, token_mask, x)
+    name = _dispatch.resolve(op, x, backend)
+    x, density = x.detach(), density.detach()
+    if name == "reference":
+        return reference.dpc_delta(x, density, token_mask)
+    return _ops.dpc_delta(x, density, token_mask, name)
+
+
+def topf_select(score: torch.Tensor, f: int, sorted: bool = True, exclude=None, *,
+                backend: str | None = None) -> torch.Tensor:
+    """score (B, N) -> index (B, f) int64: the f largest scores per row, ties -> lower index,
+    NaN below every number. sorted=True: ascending indices (temporal order); False: best first.
+    exclude: int or (B,) integer tensor, a token never picked (then f <= N - 1)."""
+    op = "topf_select"
+    V.tensor(op, "score", score, "(B, N)", ndim=2)
+    N = score.shape[1]
+    if N == 0:
+        V._fail(op, f"score must have at least one token (N >= 1), got shape {tuple(score.shape)}")
+    V.boolean(op, "sorted", sorted)
+    ex = V.exclude(op, exclude, score)
+    f = V.integer(op, "f", f, 1, N - (ex is not None),
+                  " (tokens to keep of N = %d%s)" % (N, ", one excluded" if ex is not None else ""))
+    name = _dispatch.resolve(op, score, backend)
+    score = score.detach()
+    if name == "reference":
+        return reference.topf_select(score, f, sorted, ex)
+    return _ops.topf_select(score, f, sorted, ex, name)
+
+
+def _dpc_knn(op, x, f, k, token_mask, center, return_assignment, sorted, keep_center, backend):
+    V.points(op, x)
+    N = x.shape[1]
+    center = V.center(op, center, N)
+    f_max = N - 1 if (center is not None and not keep_center) else N
+    f = V.integer(op, "f", f, 1, f_max, f" (tokens to keep of N = {N})")
+    k = V.integer(op, "k", k, 1, N, f" (neighbours among the N = {N} tokens)")
+    token_mask = V.token_mask(op, token_mask, x)
+    V.boolean(op, "return_assignment", return_assignment)
+    V.boolean(op, "sorted", sorted)
+    name = _dispatch.resolve("dpc_knn", x, backend)
+    x = x.detach()
+    if name == "reference":
+        out = reference.dpc_knn(x, f, k, token_mask, center, return_assignment, sorted=sorted,
+                                keep_center=keep_center)
+        return out if return_assignment else (out, None)
+    index, assignment = _ops.dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment, name)
+    return index, (assignment if return_assignment else None)
+
+
+def dpc_knn(x: torch.Tensor, f: int, k: int = 2, token_mask: torch.Tensor | None = None, center: int | None = None,
+            return_assignment: bool = False, *, sorted: bool = True, backend: str | None = None):
+    """The fused TPC selection: x (B, N, C) -> index (B, f) int64 [, assignment (B, N) int64].
+
+    score = delta * rho (DPC-kNN with k neighbours); the f highest-score tokens, deterministic
+    (ties -> lower index). token_mask (B, N) bool: masked tokens rank below every real token.
+    center=c: token c is always kept (f - 1 picked with c excluded, then c added). sorted=True
+    returns the kept indices ascending (what HoT models do next); False: best score first (a
+    kept center last). assignment[i] = position in index of the kept token nearest to token i.
+    Every index row holds f distinct values in [0, N), on any input (NaN included)."""
+    index, assignment = _dpc_knn("dpc_knn", x, f, k, token_mask, center, return_assignment, sorted, True, backend)
+    return (index, assignment) if return_assignment else index
+
+
+def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | None = None,
+                          pos_embed: torch.Tensor | None = None, *, backend: str | None = None):
+    """x (B, F, J, C) -> (x_kept (B, f, J, C), index (B, f) int64 ascending).
+
+    Pools over joints (mean over J), selects f frames with dpc_knn, gathers them (differentiable
+    in x: the backward scatter-adds into the kept frames) and adds pos_embed ((1 or B), f, C),
+    broadcast over joints, if given. The selection itself is not differentiable (as in HoT)."""
+    op = "token_pruning_cluster"
+    V.tensor(op, "x", x, "(B, F, J, C)", ndim=4)
+    B, Fr, J, C = x.shape
+    if Fr == 0 or J == 0 or C == 0:
+        V._fail(op, f"x must have F, J, C >= 1, got shape {tuple(x.shape)}")
+    if pos_embed is not None:
+        V.tensor(op, "pos_embed", pos_embed, "(1, f, C)", ndim=3)
+        V.same_device(op, "x", x, pos_embed=pos_embed)
+        if pos_embed.shape[0] not in (1, B) or pos_embed.shape[2] != C:
+            V._fail(op, f"pos_embed must be (1, f, C) or (B, f, C) with C = {C}, got {tuple(pos_embed.shape)}")
+    pooled = x.detach().mean(dim=2)
+    index = dpc_knn(pooled, f, k, center=center, backend=backend)
+    if pos_embed is not None and pos_embed.shape[1] != index.shape[1]:
+        V._fail(op, f"pos_embed must have f = {index.shape[1]} tokens, got {tuple(pos_embed.shape)}")
+    x_kept = x.gather(1, index[:, :, None, None].expand(B, index.shape[1], J, C))
+    if pos_embed is not None:
+        x_kept = x_kept + pos_embed[:, :, None, :]
+    return x_kept, index
+
+
+def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: int, scale: float | None = None,
+                               residual: bool = True, *, backend: str | None = None) -> torch.Tensor:
+    """TRA: query (1 or S, L, C) learnable tokens, x (S, M, C) kept tokens -> (S, L, C).
+
+    Per head (d = C / num_heads): softmax(Q K^T * scale) V with Q = query wq^T + bq,
+    K = x wk^T + bk, V = x wv^T + bv (nn.Linear layout; biases may be None); out = concat
+    wo^T + bo, plus query when residual. scale defaults to d ** -0.5. A shared query (leading
+    dim 1) is projected once, and its gradient is the sum over the S sequences. Differentiable in
+    every input."""
+    op = "token_recovering_attention"
+    weights = dict(wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo)
+    num_heads, scale = V.tra_inputs(op, query, x, weights, num_heads, scale)
+    V.boolean(op, "residual", residual)
+    if query.shape[0] > 1 and query.stride(0) == 0:
+        # A broadcast view (expand / einops.repeat of one learnable query): project it once. The
+        # gradient still reaches the expanded tensor's base summed over the S sequences.
+        query = query[:1]
+    name = _dispatch.resolve(op, x, backend)
+    if name == "reference":
+        return reference.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual)
+    out, _lse = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
+                                                residual, name)
+    return out
