@@ -54,7 +54,7 @@ def _extensions():
 
     debug = _flag("HOT_KERNELS_DEBUG_BUILD")
     cxx = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp"]
+    cxx += ["-fopenmp"]  # the C++ standard is the one torch asks for (its BuildExtension adds it)
     if _flag("HOT_KERNELS_NATIVE"):
         cxx.append("-march=native")
     link = ["-fopenmp"] + (["-fsanitize=address,undefined"] if debug else [])
@@ -68,7 +68,7 @@ def _extensions():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
-        nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
         define_macros.append(("HOT_KERNELS_WITH_CUDA", None))
         ext_cls = ce.CUDAExtension
         extra = {"cxx": cxx, "nvcc": nvcc}

@@ -9,7 +9,7 @@
 // computed with float32 accumulation. Index outputs are int64.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>  // declarations only: kept light so nvcc compiles csrc/cuda quickly
 
 #include <optional>
 #include <tuple>

@@ -1,7 +1,10 @@
 // Build probe for the CUDA half of hot_kernels._C: a trivial kernel that proves the .cu sources
 // were compiled for this machine's archs, linked into the same extension, and can launch.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <ATen/ops/empty.h>
 
 #include "../hot_kernels.h"
 
@@ -23,7 +26,7 @@ at::Tensor cuda_iota(int64_t n) {
   const int threads = 256;
   const int64_t blocks = (n + threads - 1) / threads;
   TORCH_CHECK(blocks <= 0x7fffffff, "cuda_iota: n = ", n, " is too large for one launch");
-  iota_kernel<<<static_cast<unsigned>(blocks), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  iota_kernel<<<static_cast<unsigned>(blocks), threads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       out.data_ptr<int64_t>(), n);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

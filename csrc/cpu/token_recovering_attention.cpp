@@ -1,0 +1,412 @@
+// Token recovering attention (DESIGN.md op 7), CPU forward and backward.
+//
+// out = [query +] concat_h(softmax(Q_h K_h^T * scale) V_h) Wo^T + bo, with Q = query Wq^T + bq,
+// K = x Wk^T + bk, V = x Wv^T + bv; query (1 or S, L, C), x (S, M, C).
+//
+// Design:
+//  * Every GEMM goes to BLAS through ATen (mm/addmm/bmm, strided views, no per-(s, h) loops):
+//    K and V come from ONE GEMM with the stacked weight [Wk; Wv] (2C, C); the output projection is
+//    one GEMM per chunk; the attention GEMMs are one (b)mm per head per chunk.
+//  * A shared query (leading dim 1) is projected once: Qs = (query Wq^T + bq) * scale, (L, C).
+//    Its logits for a whole chunk of sequences are then one GEMM per head, Qs_h (L, d) x
+//    K_h^T (d, n*M), which lays the logits out as (H, L, n, M); in the backward the summed
+//    gradient sum_s dS_s K_s is again one GEMM per head (contraction over n*M), accumulated over
+//    chunks in (L, C): no S copies of query-sized tensors exist. A per-sequence query uses
+//    batched GEMMs over the chunk, logits laid out as (H, n, L, M).
+//  * The S sequences are processed in chunks of n so that the chunk's probabilities (H*n*L*M)
+//    and its other temporaries stay within kChunkBytes (cache-friendly and bounded memory);
+//    the S x H x L x M tensor never exists. The forward keeps only the row log-sum-exp
+//    lse (S, H, L); the backward recomputes K, V, the probabilities P = exp(logits - lse) and o.
+//  * Weight/bias gradients are accumulated over chunks in a fixed order (deterministic: no
+//    atomics, the same chunking for the same shapes).
+//  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
+//    lse is float32 (float64 for float64 inputs).
+#include "../hot_kernels.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <limits>
+
+namespace hot_kernels {
+namespace {
+
+constexpr const char* kFwd = "token_recovering_attention";
+constexpr const char* kBwd = "token_recovering_attention_backward";
+
+// Budget for one chunk's temporaries (probabilities dominate). Small enough to stay mostly in
+// cache for the elementwise softmax passes, large enough for efficient GEMMs.
+constexpr int64_t kChunkBytes = int64_t(12) << 20;
+
+struct Dims {
+  int64_t S, Sq, L, M, C, H, d;
+  bool shared;
+  at::ScalarType dtype;  // input dtype
+  at::ScalarType cdt;    // compute dtype
+};
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kFloat || t == at::kDouble) ? t : at::kFloat;
+}
+
+void check_tensor(const char* fn, const char* name, const at::Tensor& t, at::ScalarType dtype) {
+  TORCH_CHECK(t.defined(), fn, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), fn, ": ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.scalar_type() == dtype, fn, ": ", name, " must have the dtype of x (", dtype, "), got ",
+              t.scalar_type());
+}
+
+void check_weight(const char* fn, const char* name, const at::Tensor& w, int64_t C, at::ScalarType dtype) {
+  check_tensor(fn, name, w, dtype);
+  TORCH_CHECK(w.dim() == 2 && w.size(0) == C && w.size(1) == C, fn, ": ", name, " must be (C, C) = (", C, ", ",
+              C, "), got ", w.sizes());
+}
+
+void check_bias(const char* fn, const char* name, const std::optional<at::Tensor>& b, int64_t C,
+                at::ScalarType dtype) {
+  if (!b.has_value() || !b->defined()) return;
+  check_tensor(fn, name, *b, dtype);
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == C, fn, ": ", name, " must be (C,) = (", C, ",), got ", b->sizes());
+}
+
+bool has(const std::optional<at::Tensor>& b) { return b.has_value() && b->defined(); }
+
+Dims check_inputs(const char* fn, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
+                  const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+                  const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+                  const std::optional<at::Tensor>& bo, int64_t num_heads) {
+  TORCH_CHECK(x.defined() && x.dim() == 3, fn, ": x must be (S, M, C), got ",
+              x.defined() ? x.sizes() : at::IntArrayRef{});
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16, fn,
+              ": x must be float32, float64, float16 or bfloat16, got ", dtype);
+  check_tensor(fn, "x", x, dtype);
+  check_tensor(fn, "query", query, dtype);
+  Dims D{};
+  D.S = x.size(0);
+  D.M = x.size(1);
+  D.C = x.size(2);
+  TORCH_CHECK(query.dim() == 3 && query.size(2) == D.C && (query.size(0) == 1 || query.size(0) == D.S), fn,
+              ": query must be (1, L, C) or (S, L, C) with S = ", D.S, ", C = ", D.C, ", got ", query.sizes());
+  D.Sq = query.size(0);
+  D.L = query.size(1);
+  D.shared = D.Sq == 1;
+  TORCH_CHECK(num_heads > 0, fn, ": num_heads must be positive, got ", num_heads);
+  TORCH_CHECK(D.C % num_heads == 0, fn, ": C = ", D.C, " must be divisible by num_heads = ", num_heads);
+  D.H = num_heads;
+  D.d = D.C / num_heads;
+  check_weight(fn, "wq", wq, D.C, dtype);
+  check_weight(fn, "wk", wk, D.C, dtype);
+  check_weight(fn, "wv", wv, D.C, dtype);
+  check_weight(fn, "wo", wo, D.C, dtype);
+  check_bias(fn, "bq", bq, D.C, dtype);
+  check_bias(fn, "bk", bk, D.C, dtype);
+  check_bias(fn, "bv", bv, D.C, dtype);
+  check_bias(fn, "bo", bo, D.C, dtype);
+  D.dtype = dtype;
+  D.cdt = compute_dtype(dtype);
+  return D;
+}
+
+int64_t chunk_size(const Dims& D, bool backward) {
+  const int64_t elt = D.cdt == at::kDouble ? 8 : 4;
+  // per sequence: probabilities, one head's dP, K|V (and dK|dV), o per head + o (+ dO, grad).
+  int64_t per_seq = D.H * D.L * D.M + D.L * D.M + 2 * D.M * D.C + 2 * D.L * D.C;
+  if (backward) per_seq += 2 * D.M * D.C + 2 * D.L * D.C;
+  per_seq = std::max<int64_t>(per_seq * elt, 1);
+  return std::max<int64_t>(1, std::min<int64_t>(D.S, kChunkBytes / per_seq));
+}
+
+// Everything the forward and the backward share: weights in the compute dtype, the projected
+// shared query, and the per-chunk recomputation of K|V, Q and the logits.
+struct Prepared {
+  at::Tensor wq, wkv, wo;    // (C, C), (2C, C) = [Wk; Wv], (C, C); compute dtype, contiguous
+  at::Tensor bq, bkv, bo;    // (C), (2C), (C) or undefined
+  at::Tensor q_in_shared;    // (L, C) query[0] in compute dtype (shared only)
+  at::Tensor qs_shared;      // (L, C) (query[0] Wq^T + bq) * scale (shared only)
+};
+
+at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) {
+  return b.defined() ? at::addmm(b, in, w.t()) : at::mm(in, w.t());
+}
+
+Prepared prepare(const Dims& D, const at::Tensor& query, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
+                 const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
+                 const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
+                 double scale) {
+  Prepared p;
+  const auto cdt = D.cdt;
+  p.wq = wq.to(cdt).contiguous();
+  p.wo = wo.to(cdt).contiguous();
+  p.wkv = at::cat({wk.to(cdt), wv.to(cdt)}, 0);
+  if (has(bq)) p.bq = bq->to(cdt).contiguous();
+  if (has(bo)) p.bo = bo->to(cdt).contiguous();
+  if (has(bk) || has(bv)) {
+    auto opt = wk.options().dtype(cdt);
+    p.bkv = at::cat({has(bk) ? bk->to(cdt) : at::zeros({D.C}, opt), has(bv) ? bv->to(cdt) : at::zeros({D.C}, opt)});
+  }
+  if (D.shared) {
+    p.q_in_shared = query.select(0, 0).to(cdt).contiguous();
+    p.qs_shared = linear2d(p.q_in_shared, p.wq, p.bq).mul_(scale);
+  }
+  return p;
+}
+
+// Per-chunk state (sequences [s0, s0 + n)).
+struct Chunk {
+  int64_t s0, n;
+  at::Tensor xc;    // (n*M, C)
+  at::Tensor kv;    // (n*M, 2C): K | V
+  at::Tensor q_in;  // (n*L, C) query rows (per-sequence query only)
+  at::Tensor qs;    // (n*L, C) scaled projected query (per-sequence query only)
+  at::Tensor buf;   // logits / probabilities: (H, L, n, M) shared, (H, n, L, M) per-sequence
+};
+
+// The (n, L, M) view of head h of the probability buffer.
+at::Tensor head_probs(const Dims& D, const Chunk& c, int64_t h) {
+  auto b = c.buf.select(0, h);
+  return D.shared ? b.transpose(0, 1) : b;
+}
+
+// (n, L) -> buffer layout of lse/rowsums, with a trailing 1: (H, L, n, 1) or (H, n, L, 1)
+// from (n, H, L).
+at::Tensor to_buf_layout(const Dims& D, const at::Tensor& nHL) {
+  return (D.shared ? nHL.permute({1, 2, 0}) : nHL.permute({1, 0, 2})).unsqueeze(-1);
+}
+
+// (H, L, n, 1) or (H, n, L, 1) -> (n, H, L).
+at::Tensor from_buf_layout(const Dims& D, const at::Tensor& b) {
+  auto t = b.squeeze(-1);
+  return D.shared ? t.permute({2, 0, 1}) : t.permute({1, 0, 2});
+}
+
+Chunk make_chunk(const Dims& D, const Prepared& p, const at::Tensor& query, const at::Tensor& x, int64_t s0,
+                 int64_t n) {
+  Chunk c;
+  c.s0 = s0;
+  c.n = n;
+  c.xc = x.narrow(0, s0, n).to(D.cdt).contiguous().view({n * D.M, D.C});
+  c.kv = linear2d(c.xc, p.wkv, p.bkv);
+  if (!D.shared) {
+    c.q_in = query.narrow(0, s0, n).to(D.cdt).contiguous().view({n * D.L, D.C});
+    c.qs = linear2d(c.q_in, p.wq, p.bq);
+  }
+  return c;
+}
+
+// Fills c.buf with the scaled logits.
+void compute_logits(const Dims& D, const Prepared& p, Chunk& c, double scale) {
+  const int64_t n = c.n, L = D.L, M = D.M, C = D.C, d = D.d;
+  auto opt = c.kv.options();
+  if (D.shared) {
+    c.buf = at::empty({D.H, L, n, M}, opt);
+    for (int64_t h = 0; h < D.H; ++h) {
+      auto out = c.buf.select(0, h).view({L, n * M});
+      at::mm_out(out, p.qs_shared.narrow(1, h * d, d), c.kv.narrow(1, h * d, d).t());
+    }
+  } else {
+    c.qs.mul_(scale);
+    c.buf = at::empty({D.H, n, L, M}, opt);
+    auto q3 = c.qs.view({n, L, C});
+    auto kv3 = c.kv.view({n, M, 2 * C});
+    for (int64_t h = 0; h < D.H; ++h) {
+      auto out = c.buf.select(0, h);
+      at::bmm_out(out, q3.narrow(2, h * d, d), kv3.narrow(2, h * d, d).transpose(1, 2));
+    }
+  }
+}
+
+// o (n*L, C) = concat_h(P_h V_h) from the probabilities in c.buf.
+at::Tensor attention_output(const Dims& D, const Chunk& c) {
+  const int64_t n = c.n, L = D.L, M = D.M, C = D.C, d = D.d;
+  if (M == 0) return at::zeros({n * L, C}, c.kv.options());
+  auto oh = at::empty({D.H, n, L, d}, c.kv.options());
+  auto kv3 = c.kv.view({n, M, 2 * C});
+  for (int64_t h = 0; h < D.H; ++h) {
+    auto out = oh.select(0, h);
+    at::bmm_out(out, head_probs(D, c, h), kv3.narrow(2, C + h * d, d));
+  }
+  return oh.permute({1, 2, 0, 3}).reshape({n * L, C});
+}
+
+}  // namespace
+
+std::vector<at::Tensor> token_recovering_attention_cpu(
+    const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
+    const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
+    const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
+    int64_t num_heads, double scale, bool residual) {
+  const Dims D = check_inputs(kFwd, query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads);
+  const int64_t S = D.S, L = D.L, M = D.M, C = D.C;
+  auto out = at::empty({S, L, C}, x.options());
+  auto lse = at::empty({S, D.H, L}, x.options().dtype(D.cdt));
+  if (S == 0) return {out, lse};
+  const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo, scale);
+  const bool same_dtype = D.cdt == D.dtype;
+  const int64_t cs = chunk_size(D, false);
+
+  for (int64_t s0 = 0; s0 < S; s0 += cs) {
+    const int64_t n = std::min(cs, S - s0);
+    Chunk c = make_chunk(D, p, query, x, s0, n);
+    auto lse_c = lse.narrow(0, s0, n);  // (n, H, L)
+    if (M > 0) {
+      compute_logits(D, p, c, scale);
+      // Row softmax in place, keeping the log-sum-exp: lse = m + log(sum exp(l - m)).
+      auto m = at::amax(c.buf, {-1}, /*keepdim=*/true);
+      c.buf.sub_(m).exp_();
+      auto ssum = c.buf.sum(-1, /*keepdim=*/true);
+      c.buf.div_(ssum);
+      lse_c.copy_(from_buf_layout(D, m.add_(ssum.log_())));
+    } else {
+      lse_c.fill_(-std::numeric_limits<double>::infinity());
+    }
+    auto o = attention_output(D, c);
+    c.buf.reset();
+    at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
+    if (p.bo.defined())
+      at::addmm_out(y, p.bo, o, p.wo.t());
+    else
+      at::mm_out(y, o, p.wo.t());
+    if (residual) {
+      auto y3 = y.view({n, L, C});
+      if (D.shared)
+        y3.add_(p.q_in_shared);
+      else
+        y3.add_(c.q_in.view({n, L, C}));
+    }
+    if (!same_dtype) out.narrow(0, s0, n).view({n * L, C}).copy_(y);
+  }
+  return {out, lse};
+}
+
+std::vector<at::Tensor> token_recovering_attention_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale, bool residual) {
+  const Dims D = check_inputs(kBwd, query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads);
+  const int64_t S = D.S, L = D.L, M = D.M, C = D.C, H = D.H, d = D.d;
+  check_tensor(kBwd, "grad_out", grad_out, D.dtype);
+  TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == S && grad_out.size(1) == L && grad_out.size(2) == C, kBwd,
+              ": grad_out must be (S, L, C) = (", S, ", ", L, ", ", C, "), got ", grad_out.sizes());
+  TORCH_CHECK(lse.defined() && lse.device().is_cpu(), kBwd, ": lse must be a CPU tensor");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat || lse.scalar_type() == at::kDouble, kBwd,
+              ": lse must be float32 or float64, got ", lse.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == S && lse.size(1) == H && lse.size(2) == L, kBwd,
+              ": lse must be (S, H, L) = (", S, ", ", H, ", ", L, "), got ", lse.sizes());
+
+  const auto copt = x.options().dtype(D.cdt);
+  const bool same_dtype = D.cdt == D.dtype;
+  auto dx = at::empty({S, M, C}, x.options());
+  auto d_wq = at::zeros({C, C}, copt);
+  auto d_wkv = at::zeros({2 * C, C}, copt);
+  auto d_wo = at::zeros({C, C}, copt);
+  auto d_bq = at::zeros({C}, copt);
+  auto d_bkv = at::zeros({2 * C}, copt);
+  auto d_bo = at::zeros({C}, copt);
+  at::Tensor d_query;  // compute dtype; per-sequence: filled chunk by chunk
+  at::Tensor dq_sum, g_sum;  // shared: sum_s dQs_s (unscaled) and sum_s grad_out_s, (L, C)
+  if (D.shared) {
+    dq_sum = at::zeros({L, C}, copt);
+    g_sum = at::zeros({L, C}, copt);
+  } else {
+    d_query = at::empty({S, L, C}, query.options());
+  }
+
+  const Prepared p = S > 0 ? prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo, scale) : Prepared{};
+  const int64_t cs = chunk_size(D, true);
+
+  for (int64_t s0 = 0; s0 < S; s0 += cs) {
+    const int64_t n = std::min(cs, S - s0);
+    Chunk c = make_chunk(D, p, query, x, s0, n);
+    auto g = grad_out.narrow(0, s0, n).to(D.cdt).contiguous().view({n * L, C});
+    auto dkv = at::zeros({n * M, 2 * C}, copt);  // dK | dV
+    at::Tensor dq_c;                               // per-sequence: dQs (n*L, C), unscaled
+    if (!D.shared) dq_c = at::zeros({n * L, C}, copt);
+    at::Tensor o;
+    if (M > 0) {
+      // P = exp(logits - lse), in place.
+      compute_logits(D, p, c, scale);
+      auto lse_c = lse.narrow(0, s0, n).to(D.cdt);
+      c.buf.sub_(to_buf_layout(D, lse_c)).exp_();
+      o = attention_output(D, c);
+      auto dO = at::mm(g, p.wo);  // (n*L, C)
+      // rowsum(dO_h * o_h): (n, L, H)
+      auto Dsum = (dO * o).view({n, L, H, d}).sum(-1);
+      auto dO3 = dO.view({n, L, C});
+      auto kv3 = c.kv.view({n, M, 2 * C});
+      auto dkv3 = dkv.view({n, M, 2 * C});
+      for (int64_t h = 0; h < H; ++h) {
+        auto P = head_probs(D, c, h);  // (n, L, M)
+        auto dOh = dO3.narrow(2, h * d, d);
+        auto Kh = kv3.narrow(2, h * d, d);
+        auto Vh = kv3.narrow(2, C + h * d, d);
+        dkv3.narrow(2, C + h * d, d).copy_(at::bmm(P.transpose(1, 2), dOh));  // dV_h = P^T dO_h
+        auto dP = at::bmm(dOh, Vh.transpose(1, 2));                               // (n, L, M)
+        dP.sub_(Dsum.select(2, h).unsqueeze(-1));
+        P.mul_(dP);  // P_h := dS_h = P * (dP - rowsum(dO * o))
+        if (D.shared) {
+          auto dS = c.buf.select(0, h).view({L, n * M});
+          auto Kh2 = c.kv.narrow(1, h * d, d);  // (n*M, d)
+          dq_sum.narrow(1, h * d, d).addmm_(dS, Kh2);
+          dkv.narrow(1, h * d, d).copy_(at::mm(dS.t(), p.qs_shared.narrow(1, h * d, d)));  // dK_h = dS^T Qs_h
+        } else {
+          dq_c.view({n, L, C}).narrow(2, h * d, d).copy_(at::bmm(P, Kh));
+          dkv3.narrow(2, h * d, d).copy_(at::bmm(P.transpose(1, 2), c.qs.view({n, L, C}).narrow(2, h * d, d)));
+        }
+      }
+      c.buf.reset();
+    } else {
+      o = at::zeros({n * L, C}, copt);
+    }
+    // Output projection.
+    d_wo.addmm_(g.t(), o);
+    d_bo.add_(g.sum(0));
+    // K|V projections.
+    auto dx_c = dx.narrow(0, s0, n).view({n * M, C});
+    if (same_dtype)
+      at::mm_out(dx_c, dkv, p.wkv);
+    else
+      dx_c.copy_(at::mm(dkv, p.wkv));
+    d_wkv.addmm_(dkv.t(), c.xc);
+    d_bkv.add_(dkv.sum(0));
+    // Query.
+    if (D.shared) {
+      if (residual) g_sum.add_(g.view({n, L, C}).sum(0));
+    } else {
+      dq_c.mul_(scale);
+      auto dqin = at::mm(dq_c, p.wq);
+      if (residual) dqin.add_(g);
+      d_query.narrow(0, s0, n).view({n * L, C}).copy_(dqin);
+      d_wq.addmm_(dq_c.t(), c.q_in);
+      d_bq.add_(dq_c.sum(0));
+    }
+  }
+
+  if (D.shared) {
+    at::Tensor dq = g_sum;  // zeros when not residual
+    if (S > 0) {
+      dq_sum.mul_(scale);
+      dq.addmm_(dq_sum, p.wq);
+      d_wq.addmm_(dq_sum.t(), p.q_in_shared);
+      d_bq.copy_(dq_sum.sum(0));
+    }
+    d_query = dq.unsqueeze(0).to(D.dtype);
+  }
+  auto empty_bias = at::empty({0}, x.options());
+  auto outb = [&](const at::Tensor& t, const std::optional<at::Tensor>& b) {
+    return has(b) ? t.to(D.dtype) : empty_bias;
+  };
+  return {d_query,
+          dx,
+          d_wq.to(D.dtype),
+          outb(d_bq, bq),
+          d_wkv.narrow(0, 0, C).to(D.dtype).contiguous(),
+          outb(d_bkv.narrow(0, 0, C).contiguous(), bk),
+          d_wkv.narrow(0, C, C).to(D.dtype).contiguous(),
+          outb(d_bkv.narrow(0, C, C).contiguous(), bv),
+          d_wo.to(D.dtype),
+          outb(d_bo, bo)};
+}
+
+}  // namespace hot_kernels
