@@ -24,8 +24,11 @@
 #include "../hot_kernels.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 namespace hot_kernels {
@@ -114,7 +117,9 @@ int64_t chunk_size(const Dims& D, bool backward) {
   int64_t per_seq = D.H * D.L * D.M + D.L * D.M + 2 * D.M * D.C + 2 * D.L * D.C;
   if (backward) per_seq += 2 * D.M * D.C + 2 * D.L * D.C;
   per_seq = std::max<int64_t>(per_seq * elt, 1);
-  return std::max<int64_t>(1, std::min<int64_t>(D.S, kChunkBytes / per_seq));
+  int64_t budget = kChunkBytes;
+  if (const char* e = std::getenv("TRA_CHUNK_MB")) budget = int64_t(std::atof(e) * (1 << 20));  // TUNING ONLY
+  return std::max<int64_t>(1, std::min<int64_t>(D.S, budget / per_seq));
 }
 
 // Everything the forward and the backward share: weights in the compute dtype, the projected
@@ -229,6 +234,29 @@ at::Tensor attention_output(const Dims& D, const Chunk& c) {
   return oh.permute({1, 2, 0, 3}).reshape({n * L, C});
 }
 
+// P (n, L, M) (last dim contiguous, any other strides) := P * (dP - Dsum[:, :, h]) with dP (n, L, M)
+// and Dsum (n, L, H) contiguous. One pass, vectorisable inner loop, rows split across threads.
+void softmax_grad_(at::Tensor& P, const at::Tensor& dP, const at::Tensor& Dsum, int64_t h) {
+  const int64_t n = P.size(0), L = P.size(1), M = P.size(2), H = Dsum.size(2);
+  TORCH_INTERNAL_ASSERT(P.stride(2) == 1 && dP.is_contiguous() && Dsum.is_contiguous());
+  const int64_t ps0 = P.stride(0), ps1 = P.stride(1);
+  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "token_recovering_attention_softmax_grad", [&] {
+    scalar_t* pp = P.data_ptr<scalar_t>();
+    const scalar_t* pdp = dP.const_data_ptr<scalar_t>();
+    const scalar_t* pd = Dsum.const_data_ptr<scalar_t>();
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1));
+    at::parallel_for(0, n * L, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t s = i / L, l = i - s * L;
+        scalar_t* prow = pp + s * ps0 + l * ps1;
+        const scalar_t* dprow = pdp + i * M;
+        const scalar_t dv = pd[i * H + h];
+        for (int64_t m = 0; m < M; ++m) prow[m] *= dprow[m] - dv;
+      }
+    });
+  });
+}
+
 }  // namespace
 
 std::vector<at::Tensor> token_recovering_attention_cpu(
@@ -244,6 +272,8 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
   const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo, scale);
   const bool same_dtype = D.cdt == D.dtype;
   const int64_t cs = chunk_size(D, false);
+  at::Tensor resid_shared;  // (L, C) query + bo, added to every sequence's output
+  if (D.shared && residual) resid_shared = p.bo.defined() ? p.q_in_shared + p.bo : p.q_in_shared;
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
@@ -263,16 +293,15 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
     auto o = attention_output(D, c);
     c.buf.reset();
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
-    if (p.bo.defined())
-      at::addmm_out(y, p.bo, o, p.wo.t());
-    else
+    if (D.shared && residual) {
       at::mm_out(y, o, p.wo.t());
-    if (residual) {
-      auto y3 = y.view({n, L, C});
-      if (D.shared)
-        y3.add_(p.q_in_shared);
+      y.view({n, L, C}).add_(resid_shared);  // query (+ bo): one pass
+    } else {
+      if (p.bo.defined())
+        at::addmm_out(y, p.bo, o, p.wo.t());
       else
-        y3.add_(c.q_in.view({n, L, C}));
+        at::mm_out(y, o, p.wo.t());
+      if (residual) y.view({n, L, C}).add_(c.q_in.view({n, L, C}));
     }
     if (!same_dtype) out.narrow(0, s0, n).view({n * L, C}).copy_(y);
   }
@@ -320,9 +349,10 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     const int64_t n = std::min(cs, S - s0);
     Chunk c = make_chunk(D, p, query, x, s0, n);
     auto g = grad_out.narrow(0, s0, n).to(D.cdt).contiguous().view({n * L, C});
-    auto dkv = at::zeros({n * M, 2 * C}, copt);  // dK | dV
-    at::Tensor dq_c;                               // per-sequence: dQs (n*L, C), unscaled
-    if (!D.shared) dq_c = at::zeros({n * L, C}, copt);
+    // dK | dV and (per-sequence query) dQs (unscaled): every element is written below.
+    auto dkv = M > 0 ? at::empty({n * M, 2 * C}, copt) : at::zeros({n * M, 2 * C}, copt);
+    at::Tensor dq_c;
+    if (!D.shared) dq_c = M > 0 ? at::empty({n * L, C}, copt) : at::zeros({n * L, C}, copt);
     at::Tensor o;
     if (M > 0) {
       // P = exp(logits - lse), in place.
@@ -343,8 +373,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
         auto Vh = kv3.narrow(2, C + h * d, d);
         dkv3.narrow(2, C + h * d, d).copy_(at::bmm(P.transpose(1, 2), dOh));  // dV_h = P^T dO_h
         auto dP = at::bmm(dOh, Vh.transpose(1, 2));                               // (n, L, M)
-        dP.sub_(Dsum.select(2, h).unsqueeze(-1));
-        P.mul_(dP);  // P_h := dS_h = P * (dP - rowsum(dO * o))
+        softmax_grad_(P, dP, Dsum, h);  // P_h := dS_h = P * (dP - rowsum(dO * o))
         if (D.shared) {
           auto dS = c.buf.select(0, h).view({L, n * M});
           auto Kh2 = c.kv.narrow(1, h * d, d);  // (n*M, d)

@@ -1,0 +1,60 @@
+// dpc_knn on the CPU: the fused TPC selection. Per sample, one GEMM-based distance block (or, for
+// long clips, canonical tiles streamed twice; tpc_common.h), then a single pass over its rows for
+// the k-nearest log-density, a pass for delta (ordered by log rho), score = delta * exp(log rho),
+// the top-f selection and the optional assignment. No B x N x N tensor is ever allocated.
+#include "../hot_kernels.h"
+#include "tpc_common.h"
+
+namespace hot_kernels {
+
+std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, int64_t k,
+                                               const std::optional<at::Tensor>& token_mask,
+                                               std::optional<int64_t> center, bool keep_center, bool sorted,
+                                               bool return_assignment) {
+  tpc::check_x(x, "dpc_knn");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  TORCH_CHECK(N == 0 || (k >= 1 && k <= N), "dpc_knn: k must be in [1, N] = [1, ", N, "], got ", k);
+  const bool has_center = center.has_value();
+  if (has_center) {
+    TORCH_CHECK(*center >= 0 && *center < N, "dpc_knn: center must be in [0, N) = [0, ", N, "), got ", *center);
+    if (keep_center) {
+      TORCH_CHECK(f >= 1 && f <= N, "dpc_knn: f must be in [1, N] = [1, ", N, "] with a kept center, got ", f);
+    } else {
+      TORCH_CHECK(f >= 0 && f <= N - 1, "dpc_knn: f must be in [0, N - 1] = [0, ", N - 1,
+                  "] when the center is excluded (keep_center=False), got ", f);
+    }
+  } else {
+    TORCH_CHECK(f >= 0 && f <= N, "dpc_knn: f must be in [0, N] = [0, ", N, "], got ", f);
+  }
+  TORCH_CHECK(!return_assignment || f >= 1 || B * N == 0, "dpc_knn: return_assignment needs f >= 1, got ", f);
+  const at::Tensor xf = tpc::compute_input(x);
+  const at::Tensor mask = tpc::prepare_mask(token_mask, B, N, "dpc_knn");
+  const auto lopt = xf.options().dtype(at::kLong);
+  at::Tensor index = at::empty({B, f}, lopt);
+  at::Tensor assignment = return_assignment ? at::empty({B, N}, lopt) : at::empty({B, 0}, lopt);
+  at::Tensor log_rho = at::empty({B, N}, xf.options());
+  at::Tensor delta = at::empty({B, N}, xf.options());
+  AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "dpc_knn_cpu", [&] {
+    tpc::Job<scalar_t> job;
+    job.x = xf.data_ptr<scalar_t>();
+    job.B = B;
+    job.N = N;
+    job.C = C;
+    job.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    job.k = k;
+    job.log_rho = log_rho.data_ptr<scalar_t>();
+    job.want_delta = true;
+    job.delta = delta.data_ptr<scalar_t>();
+    job.want_select = true;
+    job.f = f;
+    job.center = has_center ? *center : -1;
+    job.keep_center = keep_center;
+    job.sorted = sorted;
+    job.index = index.data_ptr<int64_t>();
+    job.assign = return_assignment ? assignment.data_ptr<int64_t>() : nullptr;
+    tpc::run(job);
+  });
+  return std::make_tuple(index, assignment);
+}
+
+}  // namespace hot_kernels

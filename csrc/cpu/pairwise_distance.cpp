@@ -1,0 +1,160 @@
+// pairwise_distance on the CPU (forward and backward). Without y the distance block is the shared
+// bit-symmetric one of tpc_common.h (the one the TPC ops use); with y it is the same Gram form on
+// inputs centred by their common mean, with the same exact recomputation of near-duplicate pairs.
+#include "../hot_kernels.h"
+#include "tpc_common.h"
+
+namespace hot_kernels {
+namespace {
+
+// Channel mean over the finite entries of the rows of a (na rows) and b (nb rows), then the centred
+// copies and their squared norms.
+template <typename T>
+void center_pair(const T* a, int64_t na, const T* b, int64_t nb, int64_t C, T* ac, T* sqa, T* bc, T* sqb) {
+  std::vector<double> sum(C, 0.0);
+  std::vector<int64_t> cnt(C, 0);
+  auto acc = [&](const T* r, int64_t n) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < C; ++c) {
+        const T v = r[i * C + c];
+        const bool fin = (v - v) == T(0);
+        sum[c] += fin ? static_cast<double>(v) : 0.0;
+        cnt[c] += fin ? 1 : 0;
+      }
+  };
+  acc(a, na);
+  acc(b, nb);
+  std::vector<T> mean(C);
+  for (int64_t c = 0; c < C; ++c) mean[c] = cnt[c] > 0 ? static_cast<T>(sum[c] / static_cast<double>(cnt[c])) : T(0);
+  auto sub = [&](const T* r, int64_t n, T* out, T* sq) {
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t c = 0; c < C; ++c) out[i * C + c] = r[i * C + c] - mean[c];
+      sq[i] = tpc::sum_sq(out + i * C, C);
+    }
+  };
+  sub(a, na, ac, sqa);
+  sub(b, nb, bc, sqb);
+}
+
+template <typename T>
+void self_distance(const T* x, int64_t B, int64_t N, int64_t C, T* out) {
+  std::vector<T> xc(B * N * C), sq(B * N);
+  const int nt = tpc::max_threads();
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
+  {
+    std::vector<double> s;
+    std::vector<int64_t> c;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < B; ++b)
+      tpc::center_sample(x + b * N * C, N, C, nullptr, xc.data() + b * N * C, sq.data() + b * N, s, c);
+  }
+  // Staircase tiles of all samples: independent (see full_block_tiles), so spread over threads.
+  const int64_t nt_tiles = tpc::stair_tiles(N);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t it = 0; it < B * nt_tiles; ++it) {
+    const int64_t b = it / nt_tiles, t = it % nt_tiles;
+    tpc::full_block_tiles(xc.data() + b * N * C, sq.data() + b * N, N, C, out + b * N * N, t, t + 1);
+  }
+}
+
+template <typename T>
+void cross_distance(const T* x, const T* y, int64_t B, int64_t N, int64_t M, int64_t C, T* out) {
+  std::vector<T> xc(B * N * C), yc(B * M * C), sqx(B * N), sqy(B * M);
+  const int nt = tpc::max_threads();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
+  for (int64_t b = 0; b < B; ++b)
+    center_pair(x + b * N * C, N, y + b * M * C, M, C, xc.data() + b * N * C, sqx.data() + b * N,
+                yc.data() + b * M * C, sqy.data() + b * M);
+  constexpr int64_t R = 64;  // rows per work item
+  const int64_t nr = (N + R - 1) / R;
+  const tpc::DistFinish<T> fin(C);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+  for (int64_t it = 0; it < B * nr; ++it) {
+    const int64_t b = it / nr, r0 = (it % nr) * R, r1 = std::min(N, r0 + R);
+    const T* xb = xc.data() + b * N * C;
+    const T* yb = yc.data() + b * M * C;
+    T* o = out + b * N * M;
+    tpc::gemm_abt<T>(r1 - r0, M, C, xb + r0 * C, C, yb, C, o + r0 * M, M);
+    for (int64_t i = r0; i < r1; ++i)
+      tpc::gram_row_to_dist(o + i * M, M, sqx[b * N + i], sqy.data() + b * M, xb + i * C, yb, C, fin);
+  }
+}
+
+}  // namespace
+
+at::Tensor pairwise_distance_cpu(const at::Tensor& x, const std::optional<at::Tensor>& y) {
+  tpc::check_x(x, "pairwise_distance");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const bool has_y = y.has_value() && y->defined();
+  const at::Tensor xf = tpc::compute_input(x);
+  at::Tensor yf;
+  int64_t M = N;
+  if (has_y) {
+    TORCH_CHECK(y->dim() == 3 && y->size(0) == B && y->size(2) == C, "pairwise_distance: y must be (B, M, C) = (",
+                B, ", M, ", C, ") like x, got ", y->sizes());
+    TORCH_CHECK(y->device().is_cpu(), "pairwise_distance: y must be on the CPU like x, got ", y->device());
+    TORCH_CHECK(at::isFloatingType(y->scalar_type()), "pairwise_distance: y must be a floating tensor, got ",
+                y->scalar_type());
+    yf = y->to(xf.scalar_type()).contiguous();
+    M = y->size(1);
+  }
+  at::Tensor out = at::empty({B, N, M}, xf.options());
+  if (B > 0 && N > 0 && M > 0) {
+    AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "pairwise_distance_cpu", [&] {
+      if (has_y)
+        cross_distance(xf.data_ptr<scalar_t>(), yf.data_ptr<scalar_t>(), B, N, M, C, out.data_ptr<scalar_t>());
+      else
+        self_distance(xf.data_ptr<scalar_t>(), B, N, C, out.data_ptr<scalar_t>());
+    });
+  }
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& y,
+                                                                  const at::Tensor& dist) {
+  tpc::check_x(x, "pairwise_distance_backward");
+  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const bool has_y = y.has_value() && y->defined();
+  const int64_t M = has_y ? y->size(1) : N;
+  if (has_y) {
+    TORCH_CHECK(y->dim() == 3 && y->size(0) == B && y->size(2) == C,
+                "pairwise_distance_backward: y must be (B, M, C) like x, got ", y->sizes());
+  }
+  TORCH_CHECK(grad.dim() == 3 && grad.size(0) == B && grad.size(1) == N && grad.size(2) == M,
+              "pairwise_distance_backward: grad must be (B, N, M) = (", B, ", ", N, ", ", M, "), got ", grad.sizes());
+  TORCH_CHECK(dist.sizes() == grad.sizes(), "pairwise_distance_backward: dist must be (B, N, M) = (", B, ", ", N,
+              ", ", M, "), got ", dist.sizes());
+  const auto ct = tpc::compute_dtype(x.scalar_type());
+  const at::Tensor xf = x.to(ct);
+  const at::Tensor yf = has_y ? y->to(ct) : xf;
+  const at::Tensor d = dist.to(ct);
+  // W = g / (C * D), 0 where D == 0 (the gradient of |v| at 0 is defined as 0).
+  const at::Tensor W = at::where(d != 0, grad.to(ct) / (d * static_cast<double>(C)), at::zeros({}, d.options()));
+  // The gradients are translation invariant: work on inputs shifted by their common finite mean
+  // (less cancellation in x_i * rowsum - (W y)_i).
+  auto finite_mean = [](const at::Tensor& t) {
+    const at::Tensor fin = at::isfinite(t);
+    return at::where(fin, t, at::zeros({}, t.options())).sum(1, true) /
+           fin.sum(1, true).clamp_min(1).to(t.scalar_type());
+  };
+  at::Tensor off;
+  if (has_y) {
+    const at::Tensor both = at::cat({xf, yf}, 1);
+    off = finite_mean(both);
+  } else {
+    off = finite_mean(xf);
+  }
+  const at::Tensor xs = xf - off;
+  if (!has_y) {
+    const at::Tensor rs = (W.sum(2) + W.sum(1)).unsqueeze(-1);
+    const at::Tensor gx = xs * rs - at::bmm(W + W.transpose(1, 2), xs);
+    return std::make_tuple(gx.to(x.scalar_type()), at::empty({0}, x.options()));
+  }
+  const at::Tensor ys = yf - off;
+  const at::Tensor gx = xs * W.sum(2).unsqueeze(-1) - at::bmm(W, ys);
+  const at::Tensor gy = ys * W.sum(1).unsqueeze(-1) - at::bmm(W.transpose(1, 2), xs);
+  return std::make_tuple(gx.to(x.scalar_type()), gy.to(y->scalar_type()));
+}
+
+}  // namespace hot_kernels

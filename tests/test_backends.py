@@ -1,0 +1,367 @@
+"""Every backend that runs on this machine against the reference backend (the oracle).
+
+Fresh random inputs per case; outputs poisoned before the call where the backend could leave
+elements unwritten (the ops allocate their own outputs, so each call is checked on full shape and
+on every element); tolerances per dtype from TOL; selections compared exactly in float64 and
+tie-aware otherwise (tests/selection.py proves a differing pick was a near-tie).
+"""
+import math
+
+import pytest
+import torch
+
+import hot_kernels as hk
+from hot_kernels import reference as R
+from hot_kernels.functional import _dpc_knn
+from selection import assert_same_or_near_tie, check_assignment, check_selection
+
+BACKENDS = [b for b in ("cpu", "triton") if hk.available_backends("cpu")[b] is None]
+if not BACKENDS:
+    pytest.skip("no non-reference backend runs on CPU tensors here", allow_module_level=True)
+
+# Tolerances for values, per dtype of the input (forward, backward).
+TOL = {
+    torch.float64: dict(fwd=dict(rtol=1e-10, atol=1e-12), bwd=dict(rtol=1e-8, atol=1e-10)),
+    torch.float32: dict(fwd=dict(rtol=2e-5, atol=2e-6), bwd=dict(rtol=1e-4, atol=1e-5)),
+    torch.bfloat16: dict(fwd=dict(rtol=2e-2, atol=2e-2), bwd=dict(rtol=5e-2, atol=5e-2)),
+    torch.float16: dict(fwd=dict(rtol=5e-3, atol=5e-3), bwd=dict(rtol=2e-2, atol=2e-2)),
+}
+
+
+def clip(B, N, C, seed, dtype=torch.float32, dup=True, smooth=False):
+    """Random (B, N, C) clip; dup=True repeats the first frames (edge padding makes exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, C, generator=g, dtype=torch.float64)
+    if smooth:
+        x = x.cumsum(1) / math.sqrt(N)
+    if dup and N >= 4:
+        x[:, :2] = x[:, 2:3]
+    return x.to(dtype)
+
+
+def close(got, want, tol):
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, got.dtype, want.shape, want.dtype)
+    torch.testing.assert_close(got, want, **tol, equal_nan=True)
+
+
+# ---- pairwise_distance --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("B,N,M,C", [(2, 7, 5, 3), (3, 33, 17, 64), (1, 1, 1, 1), (0, 4, 3, 2)])
+def test_pairwise_distance(backend, dtype, B, N, M, C):
+    x, y = clip(B, N, C, 1, dtype), clip(B, M, C, 2, dtype, dup=False)
+    tol = TOL[dtype]
+    D = hk.pairwise_distance(x, backend=backend)
+    close(D, R.pairwise_distance(x), tol["fwd"])
+    assert torch.equal(D, D.transpose(1, 2)), "D must be bit-symmetric"
+    assert (D.diagonal(dim1=1, dim2=2) == 0).all(), "D[i, i] must be exactly 0"
+    close(hk.pairwise_distance(x, y, backend=backend), R.pairwise_distance(x, y), tol["fwd"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pairwise_distance_backward(backend, dtype):
+    x, y = clip(2, 9, 6, 3, dtype), clip(2, 4, 6, 4, dtype, dup=False)  # dup: zero distances
+    g = torch.randn(2, 9, 9, dtype=dtype)
+    for with_y in (False, True):
+        leaves = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+        ref = [x.clone().requires_grad_(), y.clone().requires_grad_()]
+        yy, yr = (leaves[1], ref[1]) if with_y else (None, None)
+        gg = torch.randn(2, 9, 4, dtype=dtype) if with_y else g
+        hk.pairwise_distance(leaves[0], yy, backend=backend).backward(gg)
+        R.pairwise_distance(ref[0], yr).backward(gg)
+        assert torch.isfinite(leaves[0].grad).all()
+        close(leaves[0].grad, ref[0].grad, TOL[dtype]["bwd"])
+        if with_y:
+            close(leaves[1].grad, ref[1].grad, TOL[dtype]["bwd"])
+
+
+# ---- knn_density, dpc_delta, topf_select ---------------------------------------------------------
+
+
+def _mask(B, N, seed, kind):
+    g = torch.Generator().manual_seed(seed)
+    if kind == "none":
+        return None
+    if kind == "random":
+        m = torch.rand(B, N, generator=g) > 0.3
+    elif kind == "one-real":
+        m = torch.zeros(B, N, dtype=torch.bool)
+        m[:, N // 2] = True
+    else:  # "all-masked"
+        m = torch.zeros(B, N, dtype=torch.bool)
+    return m
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "one-real", "all-masked"])
+@pytest.mark.parametrize("N,k", [(1, 1), (9, 1), (9, 9), (40, 2), (40, 5)])
+def test_knn_density(backend, dtype, mask_kind, N, k):
+    x = clip(3, N, 8, N + k, dtype)
+    mask = _mask(3, N, k, mask_kind)
+    for log in (False, True):
+        got = hk.knn_density(x, k, mask, log=log, backend=backend)
+        want = R.knn_density(x, k, mask, log=log)
+        close(got, want, TOL[dtype]["fwd"] if dtype != torch.float16 else TOL[torch.float32]["fwd"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("mask_kind", ["none", "random", "one-real"])
+@pytest.mark.parametrize("N", [1, 2, 13, 50])
+def test_dpc_delta(backend, dtype, mask_kind, N):
+    x = clip(3, N, 6, N, dtype, dup=False)
+    mask = _mask(3, N, N, mask_kind)
+    log_rho = R.knn_density(x, 2, mask, log=True)
+    delta, parent = hk.dpc_delta(x, log_rho, mask, backend=backend)
+    want_delta, want_parent = R.dpc_delta(x, log_rho, mask)
+    close(delta, want_delta, TOL[dtype]["fwd"])
+    if dtype == torch.float64:  # no near-ties between distinct random points in float64
+        assert torch.equal(parent, want_parent)
+    else:  # the parent is a token at distance delta (a near-equal distance may pick another)
+        D = R.pairwise_distance(x.double())
+        at = D.gather(2, parent[..., None])[..., 0]
+        has_higher = parent != torch.arange(N)
+        close(at[has_higher].to(dtype), want_delta[has_higher], TOL[dtype]["fwd"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpc_delta_ties_go_to_the_lower_index(backend):
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    x[:, 3] = x[:, 1]  # 1 and 3 coincide: equal density, distance 0
+    rho = torch.ones(2, 6, dtype=torch.float64)  # all tied: the order is the index order
+    delta, parent = hk.dpc_delta(x, rho, backend=backend)
+    want_delta, want_parent = R.dpc_delta(x, rho)
+    assert torch.equal(parent, want_parent)
+    assert parent[0, 0] == 0 and parent[0, 3] == 1 and delta[0, 3] == 0
+    close(delta, want_delta, TOL[torch.float64]["fwd"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("sorted_", [True, False])
+def test_topf_select(backend, sorted_):
+    g = torch.Generator().manual_seed(5)
+    score = torch.randn(4, 30, generator=g)
+    score[0, ::3] = 0.5  # many exact ties
+    score[1, 4] = float("nan")
+    score[1, 7] = -math.inf
+    score[2] = float("nan")
+    score[3, :] = 1.0
+    for f in (1, 7, 29):
+        for exclude in (None, 4, torch.tensor([0, 29, 4, 13])):
+            got = hk.topf_select(score, f, sorted_, exclude, backend=backend)
+            assert torch.equal(got, R.topf_select(score, f, sorted_, exclude))
+    assert torch.equal(hk.topf_select(score, 30, sorted_, backend=backend), R.topf_select(score, 30, sorted_))
+    assert hk.topf_select(score[:0], 3, backend=backend).shape == (0, 3)
+
+
+# ---- dpc_knn ----------------------------------------------------------------------------------------
+
+
+DPC_CASES = [
+    # B, N, C, f, k, mask, center, keep_center
+    (2, 1, 3, 1, 1, "none", None, True),
+    (3, 9, 4, 1, 2, "none", None, True),
+    (3, 9, 4, 9, 9, "none", None, True),
+    (2, 33, 16, 11, 2, "none", None, True),
+    (2, 33, 16, 11, 5, "random", None, True),
+    (2, 33, 16, 11, 2, "one-real", None, True),
+    (2, 33, 16, 11, 2, "all-masked", None, True),
+    (2, 33, 16, 11, 2, "none", 16, True),
+    (2, 33, 16, 11, 2, "random", 16, False),
+    (2, 81, 64, 27, 2, "none", 40, True),
+    (1, 130, 24, 43, 3, "random", None, True),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", DPC_CASES, ids=[str(c) for c in DPC_CASES])
+def test_dpc_knn(backend, dtype, case):
+    B, N, C, f, k, mask_kind, center, keep_center = case
+    for seed in range(3):
+        x = clip(B, N, C, seed, dtype, smooth=seed == 2)
+        mask = _mask(B, N, seed, mask_kind)
+        for sorted_ in (True, False):
+            kw = dict(token_mask=mask, center=center, keep_center=keep_center, sorted=sorted_)
+            if keep_center:
+                got, asg = hk.dpc_knn(x, f, k, mask, center, True, sorted=sorted_, backend=backend)
+            elif not sorted_:  # the published convention: center excluded, best first
+                got, asg = hk.compat.cluster_dpc_knn_center(x, f, k, center, mask, backend=backend)
+            else:
+                got, asg = _dpc_knn("dpc_knn", x, f, k, mask, center, True, True, False, backend)
+            want, want_asg = R.dpc_knn(x, f, k, mask, center, True, sorted=sorted_, keep_center=keep_center)
+            assert got.shape == (B, f) and got.dtype == torch.int64
+            assert_same_or_near_tie(got, want, x, f, k, **kw)
+            check_selection(x, got, f, k, **kw)
+            check_assignment(x, got, asg)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpc_knn_float64_matches_the_reference_exactly(backend):
+    # In float64, distinct random frames leave no near-ties: every pick must be identical.
+    for seed in range(10):
+        x = clip(4, 60, 12, seed, torch.float64, dup=seed % 2 == 0)
+        assert torch.equal(hk.dpc_knn(x, 20, 2, backend=backend), R.dpc_knn(x, 20, 2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dpc_knn_half_inputs(backend, dtype):
+    x = clip(3, 50, 32, 7, dtype)
+    got = hk.dpc_knn(x, 17, 2, backend=backend)
+    # Half inputs are computed in float32: judge against the float32 values of the rounded input.
+    check_selection(x.float(), got, 17, 2, sorted=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpc_knn_non_finite_input_gives_valid_distinct_indices(backend):
+    x = clip(4, 20, 5, 0)
+    x[0, 3, 1] = float("nan")
+    x[1] = float("nan")
+    x[2, 5] = float("inf")
+    x[3, :, 0] = -float("inf")
+    for center in (None, 7):
+        index, asg = hk.dpc_knn(x, 8, 2, center=center, return_assignment=True, backend=backend)
+        assert index.shape == (4, 8)
+        assert ((index >= 0) & (index < 20)).all()
+        assert all(len(set(row)) == 8 for row in index.tolist())
+        assert ((asg >= 0) & (asg < 8)).all()
+        if center is not None:
+            assert (index == center).any(-1).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dpc_knn_layouts_give_the_same_result(backend):
+    base = clip(3, 40, 24, 3)
+    want = hk.dpc_knn(base, 13, 2, backend=backend)
+    transposed = base.transpose(1, 2).contiguous().transpose(1, 2)  # non-contiguous, same values
+    expanded = base[:1].expand(3, 40, 24)
+    assert not transposed.is_contiguous()
+    assert torch.equal(hk.dpc_knn(transposed, 13, 2, backend=backend), want)
+    assert torch.equal(hk.dpc_knn(expanded, 13, 2, backend=backend), want[:1].expand(3, 13))
+    assert hk.dpc_knn(base[:0], 13, 2, backend=backend).shape == (0, 13)
+    index, asg = hk.dpc_knn(base[:0], 13, 2, return_assignment=True, backend=backend)
+    assert index.shape == (0, 13) and asg.shape == (0, 40)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_determinism_bitwise(backend):
+    x = clip(4, 70, 32, 11, smooth=True)
+    first = hk.dpc_knn(x, 23, 2, return_assignment=True, backend=backend)
+    rho = hk.knn_density(x, 2, backend=backend)
+    delta = hk.dpc_delta(x, rho, backend=backend)
+    for _ in range(3):
+        again = hk.dpc_knn(x, 23, 2, return_assignment=True, backend=backend)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+        assert torch.equal(hk.knn_density(x, 2, backend=backend), rho)
+        assert all(torch.equal(a, b) for a, b in zip(hk.dpc_delta(x, rho, backend=backend), delta))
+
+
+# ---- token_pruning_cluster ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_token_pruning_cluster(backend):
+    x = torch.randn(2, 27, 5, 8, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, 9, 8, dtype=torch.float64, requires_grad=True)
+    for center in (None, 13):
+        kept, index = hk.token_pruning_cluster(x, 9, center=center, pos_embed=pos, backend=backend)
+        want_kept, want_index = R.token_pruning_cluster(x, 9, center=center, pos_embed=pos)
+        assert torch.equal(index, want_index)
+        close(kept, want_kept, TOL[torch.float64]["fwd"])
+        g = torch.randn_like(kept)
+        gx, gp = torch.autograd.grad(kept, (x, pos), g)
+        wx, wp = torch.autograd.grad(want_kept, (x, pos), g)
+        close(gx, wx, TOL[torch.float64]["bwd"])
+        close(gp, wp, TOL[torch.float64]["bwd"])
+        dropped = torch.ones(2, 27, dtype=torch.bool).scatter(1, index, False)
+        assert (gx[dropped] == 0).all()
+
+
+# ---- token_recovering_attention ---------------------------------------------------------------------
+
+
+def tra_args(S, L, M, C, dtype, shared=True, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t(*shape, s=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * s).to(dtype)
+
+    b = (lambda: t(C, s=0.1)) if bias else (lambda: None)
+    return [t(1 if shared else S, L, C), t(S, M, C), t(C, C, s=C ** -0.5), b(), t(C, C, s=C ** -0.5), b(),
+            t(C, C, s=C ** -0.5), b(), t(C, C, s=C ** -0.5), t(C, s=0.1)]
+
+
+def _tra_grads(fn, args, grad_out):
+    leaves = [a.clone().requires_grad_() if a is not None else None for a in args]
+    out = fn(leaves)
+    present = [a for a in leaves if a is not None]
+    return out, torch.autograd.grad(out, present, grad_out)
+
+
+TRA_CASES = [
+    # S, L, M, C, heads, shared, bias, residual
+    (3, 7, 5, 16, 2, True, False, True),
+    (3, 7, 5, 16, 2, False, True, False),
+    (2, 9, 4, 64, 2, True, True, True),       # head dim 32
+    (2, 5, 11, 118, 2, True, True, True),     # head dim 59
+    (4, 27, 9, 64, 1, False, False, True),    # head dim 64
+    (1, 1, 1, 8, 8, True, True, False),       # head dim 1, one token each
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TRA_CASES, ids=[str(c) for c in TRA_CASES])
+def test_token_recovering_attention(backend, dtype, case):
+    S, L, M, C, H, shared, bias, residual = case
+    args = tra_args(S, L, M, C, dtype, shared, bias)
+    grad_out = torch.randn(S, L, C, dtype=torch.float64).to(dtype)
+
+    def ours(a):
+        return hk.token_recovering_attention(*a, num_heads=H, residual=residual, backend=backend)
+
+    def ref(a):  # the reference in float64 on the same (rounded) inputs
+        a64 = [t.double() if t is not None else None for t in a]
+        return R.token_recovering_attention(*a64, num_heads=H, residual=residual)
+
+    out, grads = _tra_grads(ours, args, grad_out)
+    want, want_grads = _tra_grads(ref, args, grad_out.double())
+    tol = TOL[dtype]
+    close(out.double(), want, tol["fwd"])
+    for got_g, want_g in zip(grads, want_grads):
+        assert got_g.dtype == dtype
+        close(got_g.double(), want_g, tol["bwd"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tra_broadcast_query_is_projected_once_and_gets_the_summed_gradient(backend):
+    S, L, M, C = 5, 6, 4, 16
+    args = tra_args(S, L, M, C, torch.float64, shared=True)
+    base = args[0].clone().requires_grad_()
+    expanded = base.expand(S, L, C)  # what einops.repeat / expand give the published model
+    out = hk.token_recovering_attention(expanded, *args[1:], num_heads=2, backend=backend)
+    (g,) = torch.autograd.grad(out.square().sum(), base)
+    base2 = args[0].clone().requires_grad_()
+    want = R.token_recovering_attention(base2.expand(S, L, C), *args[1:], num_heads=2)
+    (wg,) = torch.autograd.grad(want.square().sum(), base2)
+    close(out, want, TOL[torch.float64]["fwd"])
+    close(g, wg, TOL[torch.float64]["bwd"])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tra_determinism_bitwise(backend):
+    args = tra_args(6, 20, 7, 32, torch.float32, shared=True)
+    grad_out = torch.randn(6, 20, 32)
+
+    def run():
+        return _tra_grads(lambda a: hk.token_recovering_attention(*a, num_heads=4, backend=backend), args, grad_out)
+
+    out1, g1 = run()
+    out2, g2 = run()
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
