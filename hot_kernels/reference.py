@@ -73,6 +73,7 @@ def _log_density(D: torch.Tensor, k: int, token_mask: torch.Tensor | None) -> to
 
     Masked columns are never neighbours; if a sample has fewer than k real tokens the mean runs
     over all of its real tokens. Masked rows get -inf (rho = 0)."""
+    k = min(k, D.shape[-1])  # fewer than k tokens: the mean runs over all of them
     if token_mask is None:
         nearest = D.topk(k, dim=-1, largest=False).values
         return -(nearest * nearest).mean(-1)

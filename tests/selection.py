@@ -275,7 +275,7 @@ def selection_intervals(x, k=2, token_mask=None, rtol=None, atol=None):
 
 
 def selection_violations(x, index, f, k=2, token_mask=None, center=None, keep_center=True,
-                         sorted=None, rtol=None, atol=None, max_messages=5):
+                         rtol=None, atol=None, sorted=None, max_messages=5):
     """All reasons (strings) why ``index`` is not a valid selection; [] when it is valid."""
     rtol, atol = _resolve_tols(x, rtol, atol)
     X, real = _prep(x, token_mask)
@@ -334,11 +334,12 @@ def selection_violations(x, index, f, k=2, token_mask=None, center=None, keep_ce
 
 
 def check_selection(x, index, f, k=2, token_mask=None, center=None, keep_center=True,
-                    sorted=None, rtol=None, atol=None):
+                    rtol=None, atol=None, sorted=None):
     """Raise AssertionError unless ``index`` (B, f) is a valid dpc_knn selection for x up to
     rounding (see the module docstring). sorted=True/False also checks the order; None does not.
     Returns True when valid."""
-    msgs = selection_violations(x, index, f, k, token_mask, center, keep_center, sorted, rtol, atol)
+    msgs = selection_violations(x, index, f, k, token_mask, center, keep_center, rtol, atol,
+                                sorted)
     if msgs:
         r, a = _resolve_tols(x, rtol, atol)
         raise AssertionError(f"invalid selection (rtol={r:g}, atol={a:g}, k={k}):\n  "
@@ -347,7 +348,7 @@ def check_selection(x, index, f, k=2, token_mask=None, center=None, keep_center=
 
 
 def assert_same_or_near_tie(index_a, index_b, x, f=None, k=2, token_mask=None, center=None,
-                            keep_center=True, sorted=None, rtol=None, atol=None):
+                            keep_center=True, rtol=None, atol=None, sorted=None):
     """Pass if index_a == index_b; otherwise both must be valid selections (check_selection)."""
     a, b = _as_index(index_a), _as_index(index_b)
     if a.shape == b.shape and np.array_equal(a, b):
@@ -356,8 +357,8 @@ def assert_same_or_near_tie(index_a, index_b, x, f=None, k=2, token_mask=None, c
     rows = [r for r in range(min(len(a), len(b))) if not np.array_equal(a[r], b[r])]
     errs = []
     for name, idx in (("index_a", a), ("index_b", b)):
-        msgs = selection_violations(x, idx, f, k, token_mask, center, keep_center, sorted,
-                                    rtol, atol)
+        msgs = selection_violations(x, idx, f, k, token_mask, center, keep_center, rtol, atol,
+                                    sorted)
         if msgs:
             errs.append(f"{name} is not a valid selection:\n    " + "\n    ".join(msgs))
     if errs:
@@ -367,7 +368,7 @@ def assert_same_or_near_tie(index_a, index_b, x, f=None, k=2, token_mask=None, c
 
 
 def selection_ambiguities(x, index, f, k=2, token_mask=None, center=None, keep_center=True,
-                          sorted=None, rtol=None, atol=None):
+                          rtol=None, atol=None, sorted=None):
     """Where rounding could change a (valid) selection ``index``, e.g. the float64 oracle's: a list
     of (sample, token_a, token_b) pairs -- a picked and an unpicked token (or, with sorted=False,
     two picked tokens in returned order) that are not *definitely* in that rank order. Samples
