@@ -6,7 +6,7 @@ attention (``token_recovering_attention``), on the ``reference`` (PyTorch), ``cp
 ``cuda`` and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
 """
 from . import _ops  # noqa: F401  (registers the torch.library ops)
-from . import compat, reference
+from . import compat, nn, reference
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from ._validate import HotKernelsInputError
 from .functional import (
@@ -27,6 +27,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "compat",
+    "nn",
     "dpc_delta",
     "dpc_knn",
     "knn_density",
