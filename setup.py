@@ -53,7 +53,7 @@ def _extensions():
         return [], {}
 
     debug = _flag("HOT_KERNELS_DEBUG_BUILD")
-    cxx = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if debug else ["-O3"]
+    cxx = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if debug else ["-O3", "-g0"]
     cxx += ["-fopenmp"]  # the C++ standard is the one torch asks for (its BuildExtension adds it)
     if _flag("HOT_KERNELS_NATIVE"):
         cxx.append("-march=native")

@@ -99,7 +99,7 @@ def test_compile_fullgraph_tpc_and_tra():
     torch._dynamo.reset()
     x, mask = _tpc_inputs(N=13)
     clip = torch.randn(2, 13, 3, 6)
-    tra = [a.detach().float() for a in _tra_inputs(shared=True, bias=False)]
+    tra = [a.detach().float() if a is not None else None for a in _tra_inputs(shared=True, bias=False)]
 
     def model(x, mask, clip, query, xs, wq, wk, wv, wo, bo):
         index = hk.dpc_knn(x, 5, 2, mask, backend="cpu")

@@ -7,76 +7,63 @@
 namespace hot_kernels {
 namespace {
 
-// Channel mean over the finite entries of the rows of a (na rows) and b (nb rows), then the centred
-// copies and their squared norms.
-template <typename T>
-void center_pair(const T* a, int64_t na, const T* b, int64_t nb, int64_t C, T* ac, T* sqa, T* bc, T* sqb) {
-  std::vector<double> sum(C, 0.0);
-  std::vector<int64_t> cnt(C, 0);
-  auto acc = [&](const T* r, int64_t n) {
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t c = 0; c < C; ++c) {
-        const T v = r[i * C + c];
-        const bool fin = (v - v) == T(0);
-        sum[c] += fin ? static_cast<double>(v) : 0.0;
-        cnt[c] += fin ? 1 : 0;
-      }
-  };
-  acc(a, na);
-  acc(b, nb);
-  std::vector<T> mean(C);
-  for (int64_t c = 0; c < C; ++c) mean[c] = cnt[c] > 0 ? static_cast<T>(sum[c] / static_cast<double>(cnt[c])) : T(0);
-  auto sub = [&](const T* r, int64_t n, T* out, T* sq) {
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t c = 0; c < C; ++c) out[i * C + c] = r[i * C + c] - mean[c];
-      sq[i] = tpc::sum_sq(out + i * C, C);
-    }
-  };
-  sub(a, na, ac, sqa);
-  sub(b, nb, bc, sqb);
-}
-
 template <typename T>
 void self_distance(const T* x, int64_t B, int64_t N, int64_t C, T* out) {
-  std::vector<T> xc(B * N * C), sq(B * N);
+  const int64_t ld = tpc::row_stride(C), ss = (N + tpc::kPadRows) * ld, sqs = N + tpc::kPadRows;
+  tpc::AlignedBuf<T> xc;
+  xc.assign_zero(B * ss);
+  std::vector<T> sq(B * sqs, T(0));
   const int nt = tpc::max_threads();
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
-  {
-    std::vector<double> s;
-    std::vector<int64_t> c;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b)
-      tpc::center_sample(x + b * N * C, N, C, nullptr, xc.data() + b * N * C, sq.data() + b * N, s, c);
-  }
-  // Staircase tiles of all samples: independent (see full_block_tiles), so spread over threads.
-  const int64_t nt_tiles = tpc::stair_tiles(N);
+  std::vector<std::vector<T>> scratch(nt, std::vector<T>(2 * C));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
+  for (int64_t b = 0; b < B; ++b)
+    tpc::center_sample(x + b * N * C, N, C, static_cast<const bool*>(nullptr), xc.data() + b * ss, ld,
+                       sq.data() + b * sqs, scratch[tpc::thread_id()].data());
+  // Row tiles of all samples are independent (see full_block_tiles): spread over the threads.
+  const int64_t ntl = tpc::stair_tiles(N);
+  const T scale = tpc::sqrt_c<T>(C);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t it = 0; it < B * nt_tiles; ++it) {
-    const int64_t b = it / nt_tiles, t = it % nt_tiles;
-    tpc::full_block_tiles(xc.data() + b * N * C, sq.data() + b * N, N, C, out + b * N * N, t, t + 1);
+  for (int64_t it = 0; it < B * ntl; ++it) {
+    const int64_t b = it / ntl, t = it % ntl;
+    tpc::full_block_tiles(xc.data() + b * ss, ld, sq.data() + b * sqs, N, C, out + b * N * N, t, t + 1);
   }
+#pragma omp parallel for schedule(static) num_threads(nt)
+  for (int64_t r = 0; r < B * N; ++r) tpc::e_to_dist(out + r * N, N, scale);
 }
 
 template <typename T>
 void cross_distance(const T* x, const T* y, int64_t B, int64_t N, int64_t M, int64_t C, T* out) {
-  std::vector<T> xc(B * N * C), yc(B * M * C), sqx(B * N), sqy(B * M);
+  const int64_t ld = tpc::row_stride(C);
+  tpc::AlignedBuf<T> xc, yc;
+  xc.assign_zero(B * N * ld);
+  yc.assign_zero(B * M * ld);
+  std::vector<T> sqx(B * N), sqy(B * M);
   const int nt = tpc::max_threads();
+  std::vector<std::vector<T>> scratch(nt, std::vector<T>(2 * C));
+  // Both sides shifted by their common mean (finite entries): distances unchanged, less cancellation.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
-  for (int64_t b = 0; b < B; ++b)
-    center_pair(x + b * N * C, N, y + b * M * C, M, C, xc.data() + b * N * C, sqx.data() + b * N,
-                yc.data() + b * M * C, sqy.data() + b * M);
+  for (int64_t b = 0; b < B; ++b) {
+    const T* mean = tpc::channel_mean(x + b * N * C, N, static_cast<const bool*>(nullptr), y + b * M * C, M, C,
+                                      scratch[tpc::thread_id()].data());
+    tpc::subtract_mean(x + b * N * C, N, C, mean, xc.data() + b * N * ld, ld, sqx.data() + b * N);
+    tpc::subtract_mean(y + b * M * C, M, C, mean, yc.data() + b * M * ld, ld, sqy.data() + b * M);
+  }
   constexpr int64_t R = 64;  // rows per work item
   const int64_t nr = (N + R - 1) / R;
-  const tpc::DistFinish<T> fin(C);
+  const T scale = tpc::sqrt_c<T>(C);
+  const T* xcp = xc.data();
+  const T* ycp = yc.data();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t it = 0; it < B * nr; ++it) {
     const int64_t b = it / nr, r0 = (it % nr) * R, r1 = std::min(N, r0 + R);
-    const T* xb = xc.data() + b * N * C;
-    const T* yb = yc.data() + b * M * C;
+    const T* xb = xcp + b * N * ld;
+    const T* yb = ycp + b * M * ld;
     T* o = out + b * N * M;
-    tpc::gemm_abt<T>(r1 - r0, M, C, xb + r0 * C, C, yb, C, o + r0 * M, M);
-    for (int64_t i = r0; i < r1; ++i)
-      tpc::gram_row_to_dist(o + i * M, M, sqx[b * N + i], sqy.data() + b * M, xb + i * C, yb, C, fin);
+    tpc::gemm_abt<T>(r1 - r0, M, C, xb + r0 * ld, ld, yb, ld, o + r0 * M, M);
+    for (int64_t i = r0; i < r1; ++i) {
+      tpc::gram_to_e(o + i * M, M, sqx[b * N + i], sqy.data() + b * M, xb + i * ld, yb, ld, C);
+      tpc::e_to_dist(o + i * M, M, scale);
+    }
   }
 }
 

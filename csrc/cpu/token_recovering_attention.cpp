@@ -28,7 +28,6 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <limits>
 
 namespace hot_kernels {
@@ -37,9 +36,10 @@ namespace {
 constexpr const char* kFwd = "token_recovering_attention";
 constexpr const char* kBwd = "token_recovering_attention_backward";
 
-// Budget for one chunk's temporaries (probabilities dominate). Small enough to stay mostly in
-// cache for the elementwise softmax passes, large enough for efficient GEMMs.
-constexpr int64_t kChunkBytes = int64_t(12) << 20;
+// Budget for one chunk's temporaries (probabilities dominate). Measured on HoT's shapes (S=1088,
+// L=243, M=81, C=512, H=8, 2 threads): flat between 24 and 40 MB, slower below 12 MB (small
+// GEMMs) and above 48 MB (the elementwise softmax passes fall out of cache).
+constexpr int64_t kChunkBytes = int64_t(32) << 20;
 
 struct Dims {
   int64_t S, Sq, L, M, C, H, d;
@@ -117,9 +117,10 @@ int64_t chunk_size(const Dims& D, bool backward) {
   int64_t per_seq = D.H * D.L * D.M + D.L * D.M + 2 * D.M * D.C + 2 * D.L * D.C;
   if (backward) per_seq += 2 * D.M * D.C + 2 * D.L * D.C;
   per_seq = std::max<int64_t>(per_seq * elt, 1);
-  int64_t budget = kChunkBytes;
-  if (const char* e = std::getenv("TRA_CHUNK_MB")) budget = int64_t(std::atof(e) * (1 << 20));  // TUNING ONLY
-  return std::max<int64_t>(1, std::min<int64_t>(D.S, budget / per_seq));
+  const int64_t n_max = std::max<int64_t>(1, std::min<int64_t>(D.S, kChunkBytes / per_seq));
+  // Equal chunks (no small tail): n = ceil(S / ceil(S / n_max)).
+  const int64_t chunks = (D.S + n_max - 1) / n_max;
+  return std::max<int64_t>(1, (D.S + chunks - 1) / std::max<int64_t>(chunks, 1));
 }
 
 // Everything the forward and the backward share: weights in the compute dtype, the projected
@@ -173,8 +174,8 @@ at::Tensor head_probs(const Dims& D, const Chunk& c, int64_t h) {
   return D.shared ? b.transpose(0, 1) : b;
 }
 
-// (n, L) -> buffer layout of lse/rowsums, with a trailing 1: (H, L, n, 1) or (H, n, L, 1)
-// from (n, H, L).
+// (n, H, L) -> the buffer layout of per-row values, with a trailing 1: (H, L, n, 1) for a shared
+// query, (H, n, L, 1) otherwise.
 at::Tensor to_buf_layout(const Dims& D, const at::Tensor& nHL) {
   return (D.shared ? nHL.permute({1, 2, 0}) : nHL.permute({1, 0, 2})).unsqueeze(-1);
 }
@@ -186,7 +187,7 @@ at::Tensor from_buf_layout(const Dims& D, const at::Tensor& b) {
 }
 
 Chunk make_chunk(const Dims& D, const Prepared& p, const at::Tensor& query, const at::Tensor& x, int64_t s0,
-                 int64_t n) {
+                 int64_t n, double scale) {
   Chunk c;
   c.s0 = s0;
   c.n = n;
@@ -194,13 +195,13 @@ Chunk make_chunk(const Dims& D, const Prepared& p, const at::Tensor& query, cons
   c.kv = linear2d(c.xc, p.wkv, p.bkv);
   if (!D.shared) {
     c.q_in = query.narrow(0, s0, n).to(D.cdt).contiguous().view({n * D.L, D.C});
-    c.qs = linear2d(c.q_in, p.wq, p.bq);
+    c.qs = linear2d(c.q_in, p.wq, p.bq).mul_(scale);
   }
   return c;
 }
 
-// Fills c.buf with the scaled logits.
-void compute_logits(const Dims& D, const Prepared& p, Chunk& c, double scale) {
+// Fills c.buf with the scaled logits (Qs already holds the scale).
+void compute_logits(const Dims& D, const Prepared& p, Chunk& c) {
   const int64_t n = c.n, L = D.L, M = D.M, C = D.C, d = D.d;
   auto opt = c.kv.options();
   if (D.shared) {
@@ -210,7 +211,6 @@ void compute_logits(const Dims& D, const Prepared& p, Chunk& c, double scale) {
       at::mm_out(out, p.qs_shared.narrow(1, h * d, d), c.kv.narrow(1, h * d, d).t());
     }
   } else {
-    c.qs.mul_(scale);
     c.buf = at::empty({D.H, n, L, M}, opt);
     auto q3 = c.qs.view({n, L, C});
     auto kv3 = c.kv.view({n, M, 2 * C});
@@ -221,8 +221,11 @@ void compute_logits(const Dims& D, const Prepared& p, Chunk& c, double scale) {
   }
 }
 
-// o (n*L, C) = concat_h(P_h V_h) from the probabilities in c.buf.
-at::Tensor attention_output(const Dims& D, const Chunk& c) {
+// o (n*L, C) = concat_h(P_h V_h) from the probabilities in c.buf; when inv_rowsum (buffer layout,
+// (H, L, n, 1) or (H, n, L, 1)) is given, c.buf holds unnormalised exp(logits - max) and each row
+// of the result is scaled by it (cheaper than normalising the probabilities: C < H*M values per
+// query row, and it rides on the head-interleaving copy).
+at::Tensor attention_output(const Dims& D, const Chunk& c, const at::Tensor& inv_rowsum = at::Tensor()) {
   const int64_t n = c.n, L = D.L, M = D.M, C = D.C, d = D.d;
   if (M == 0) return at::zeros({n * L, C}, c.kv.options());
   auto oh = at::empty({D.H, n, L, d}, c.kv.options());
@@ -231,7 +234,14 @@ at::Tensor attention_output(const Dims& D, const Chunk& c) {
     auto out = oh.select(0, h);
     at::bmm_out(out, head_probs(D, c, h), kv3.narrow(2, C + h * d, d));
   }
-  return oh.permute({1, 2, 0, 3}).reshape({n * L, C});
+  auto o = at::empty({n, L, D.H, d}, c.kv.options());
+  if (inv_rowsum.defined()) {
+    auto inv = D.shared ? inv_rowsum.permute({2, 1, 0, 3}) : inv_rowsum.permute({1, 2, 0, 3});  // (n, L, H, 1)
+    at::mul_out(o, oh.permute({1, 2, 0, 3}), inv);
+  } else {
+    o.copy_(oh.permute({1, 2, 0, 3}));
+  }
+  return o.view({n * L, C});
 }
 
 // P (n, L, M) (last dim contiguous, any other strides) := P * (dP - Dsum[:, :, h]) with dP (n, L, M)
@@ -277,20 +287,22 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
-    Chunk c = make_chunk(D, p, query, x, s0, n);
+    Chunk c = make_chunk(D, p, query, x, s0, n, scale);
     auto lse_c = lse.narrow(0, s0, n);  // (n, H, L)
+    at::Tensor inv_rowsum;
     if (M > 0) {
-      compute_logits(D, p, c, scale);
-      // Row softmax in place, keeping the log-sum-exp: lse = m + log(sum exp(l - m)).
+      compute_logits(D, p, c);
+      // Row softmax, keeping the log-sum-exp: E = exp(l - m) in place, lse = m + log(sum E); the
+      // normalisation 1 / sum E is applied to o instead of to E.
       auto m = at::amax(c.buf, {-1}, /*keepdim=*/true);
       c.buf.sub_(m).exp_();
       auto ssum = c.buf.sum(-1, /*keepdim=*/true);
-      c.buf.div_(ssum);
+      inv_rowsum = at::reciprocal(ssum);
       lse_c.copy_(from_buf_layout(D, m.add_(ssum.log_())));
     } else {
       lse_c.fill_(-std::numeric_limits<double>::infinity());
     }
-    auto o = attention_output(D, c);
+    auto o = attention_output(D, c, inv_rowsum);
     c.buf.reset();
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
     if (D.shared && residual) {
@@ -347,7 +359,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
-    Chunk c = make_chunk(D, p, query, x, s0, n);
+    Chunk c = make_chunk(D, p, query, x, s0, n, scale);
     auto g = grad_out.narrow(0, s0, n).to(D.cdt).contiguous().view({n * L, C});
     // dK | dV and (per-sequence query) dQs (unscaled): every element is written below.
     auto dkv = M > 0 ? at::empty({n * M, 2 * C}, copt) : at::zeros({n * M, 2 * C}, copt);
@@ -356,7 +368,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     at::Tensor o;
     if (M > 0) {
       // P = exp(logits - lse), in place.
-      compute_logits(D, p, c, scale);
+      compute_logits(D, p, c);
       auto lse_c = lse.narrow(0, s0, n).to(D.cdt);
       c.buf.sub_(to_buf_layout(D, lse_c)).exp_();
       o = attention_output(D, c);
@@ -390,7 +402,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     }
     // Output projection.
     d_wo.addmm_(g.t(), o);
-    d_bo.add_(g.sum(0));
+    if (has(bo)) d_bo.add_(g.sum(0));
     // K|V projections.
     auto dx_c = dx.narrow(0, s0, n).view({n * M, C});
     if (same_dtype)
@@ -398,7 +410,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     else
       dx_c.copy_(at::mm(dkv, p.wkv));
     d_wkv.addmm_(dkv.t(), c.xc);
-    d_bkv.add_(dkv.sum(0));
+    if (has(bk) || has(bv)) d_bkv.add_(dkv.sum(0));
     // Query.
     if (D.shared) {
       if (residual) g_sum.add_(g.view({n, L, C}).sum(0));
@@ -408,7 +420,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
       if (residual) dqin.add_(g);
       d_query.narrow(0, s0, n).view({n * L, C}).copy_(dqin);
       d_wq.addmm_(dq_c.t(), c.q_in);
-      d_bq.add_(dq_c.sum(0));
+      if (has(bq)) d_bq.add_(dq_c.sum(0));
     }
   }
 
@@ -418,22 +430,24 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
       dq_sum.mul_(scale);
       dq.addmm_(dq_sum, p.wq);
       d_wq.addmm_(dq_sum.t(), p.q_in_shared);
-      d_bq.copy_(dq_sum.sum(0));
+      if (has(bq)) d_bq.copy_(dq_sum.sum(0));
     }
     d_query = dq.unsqueeze(0).to(D.dtype);
   }
-  auto empty_bias = at::empty({0}, x.options());
+  // Every returned tensor owns its storage: the torch.library op forbids outputs that alias each
+  // other (the k/v halves of the fused d_wkv/d_bkv, a shared empty bias) or an input.
+  auto owned = [&](const at::Tensor& t) { return t.to(D.dtype).clone(at::MemoryFormat::Contiguous); };
   auto outb = [&](const at::Tensor& t, const std::optional<at::Tensor>& b) {
-    return has(b) ? t.to(D.dtype) : empty_bias;
+    return has(b) ? owned(t) : at::empty({0}, x.options());
   };
   return {d_query,
           dx,
           d_wq.to(D.dtype),
           outb(d_bq, bq),
-          d_wkv.narrow(0, 0, C).to(D.dtype).contiguous(),
-          outb(d_bkv.narrow(0, 0, C).contiguous(), bk),
-          d_wkv.narrow(0, C, C).to(D.dtype).contiguous(),
-          outb(d_bkv.narrow(0, C, C).contiguous(), bv),
+          owned(d_wkv.narrow(0, 0, C)),
+          outb(d_bkv.narrow(0, 0, C), bk),
+          owned(d_wkv.narrow(0, C, C)),
+          outb(d_bkv.narrow(0, C, C), bv),
           d_wo.to(D.dtype),
           outb(d_bo, bo)};
 }

@@ -1,29 +1,34 @@
 // Shared machinery of the token-pruning (TPC) CPU kernels: the distance block, the per-row
-// statistics (k nearest, delta), the ranking comparator and the fused per-sample driver.
+// statistics (k nearest, delta, assignment), the ranking comparator and the fused per-sample driver.
 //
 // Semantics: ../../shared/DESIGN.md and hot_kernels/reference.py (the oracle).
 //
 // Distances. D[i,j] = ||x_i - x_j|| / sqrt(C), computed in the Gram form d2 = |x_i|^2 + |x_j|^2 -
 // 2 x_i.x_j on a per-sample *centred* copy of x (distances are translation invariant; centring
-// shrinks the cancellation of the Gram form), with the GEMM done by the BLAS behind at::mm.
-// Pairs where the Gram form cancels badly (d2 < |x_i|^2 + |x_j|^2 over kRefineDiv) are recomputed
-// exactly as sum_c (x_ic - x_jc)^2, so near-duplicate tokens get accurate (and exact duplicates
-// exactly zero) distances. Every value is computed once per unordered pair {i, j} and used for both
-// D[i,j] and D[j,i]: D is bit-symmetric with an exactly zero diagonal by construction, which is
-// what makes mutual nearest neighbours tie exactly in density (DESIGN.md, the tie rule).
-// As in the reference, a d2 that is not > 0 (cancellation, or NaN from NaN input) gives D = 0, so
-// D never holds NaN (it may hold +inf when squares overflow).
+// shrinks the cancellation of the Gram form). Pairs where the Gram form cancels badly
+// (d2 < (|x_i|^2 + |x_j|^2) / kRefineDiv) are recomputed exactly as sum_c (x_ic - x_jc)^2, so
+// near-duplicate tokens get accurate distances and exact duplicates exactly 0. Every value is
+// computed once per unordered pair {i, j} and used for both (i, j) and (j, i): bit-symmetric with an
+// exactly zero diagonal by construction, which makes mutual nearest neighbours tie exactly in
+// density (DESIGN.md, the tie rule).
 //
-// Two ways to lay the distances out, one definition of "the value of pair {i, j}" per way:
-//  * full block (N <= kFullMaxN): the whole N x N matrix of one sample lives in a buffer. The
-//    GEMM is a "staircase": row tile t (kStairTile rows) times the columns from its own start to N,
-//    so only the upper triangle (plus the diagonal tiles) is multiplied; pair i < j takes its value
-//    from entry (i, j) and is mirrored.
-//  * panels (N > kFullMaxN): no N x N buffer anywhere. Tokens are cut into tiles of `tile` rows;
-//    the value of a pair comes from the canonical block (min tile, max tile) = X_a X_b^T (a <= b,
-//    upper triangle of it when a == b). A row tile streams over all column tiles (recomputing the
-//    canonical block, transposed when needed) and feeds per-row states (k smallest, running
-//    min/argmin), so memory is O(tile^2 + tile * k + N * C) and any k in [1, N] works.
+// What is stored is e = max(d2, 0) (NaN -> 0), and D = finish(e) = e > 0 ? sqrt(max(e, tiny)) /
+// sqrt(C) : 0 is exactly the reference's formula. finish is monotone, so the k smallest e give the
+// k smallest D and the largest e the largest D; where a rule needs "the first index attaining the
+// minimum D" (delta's parent, the assignment), distinct e that round to the same D are resolved
+// exactly with e_hi(e), a bound on the e that can share e's D. The hot passes thus compare plain
+// e values (no sqrt per pair) and still give exactly the D-based result.
+//
+// Two layouts, each with one definition of "the value of pair {i, j}":
+//  * full block (N <= kFullMaxN): the N x N matrix of e of one sample in a buffer, upper triangle
+//    computed, mirrored. fp32 on AVX-512 CPUs: a 4 x 4 register-blocked dot-product kernel over the
+//    strict upper triangle only, with the e computation and the mirror in its epilogue. Otherwise a
+//    "staircase" of BLAS GEMMs (at::mm): row tile t times the columns from its own start.
+//  * panels (N > kFullMaxN): no N x N buffer. Tokens are cut into tiles; the value of a pair comes
+//    from the canonical BLAS block (min tile, max tile) = X_a X_b^T (its upper triangle when
+//    a == b). A row tile streams over all column tiles (recomputing the canonical block, transposed
+//    when needed) into per-row states (k smallest, running minimum), so memory is O(tile^2 +
+//    tile * k + N * C) and any k in [1, N] works.
 #pragma once
 
 #include "../hot_kernels.h"
@@ -35,6 +40,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -45,16 +51,33 @@
 #include <omp.h>
 #endif
 
+// Row kernels are compiled for AVX-512 and AVX2 besides the baseline and picked at load time (the
+// extension itself is built for the baseline ISA). Every reduction below has a fixed order, so all
+// versions compute the same values. Define HOT_KERNELS_NO_CLONES to build only the baseline.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__) && \
+    !defined(HOT_KERNELS_NO_CLONES)
+#define HK_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define HK_HOT
+#endif
+
+// The AVX-512 Gram kernel (fp32, full block), used when the CPU has AVX-512F at run time and the
+// environment does not set HOT_KERNELS_CPU_NO_AVX512; BLAS otherwise.
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(HOT_KERNELS_NO_AVX512)
+#define HK_AVX512_GRAM 1
+#include <immintrin.h>
+#endif
+
 namespace hot_kernels {
 namespace tpc {
 
 // ---- tuning constants -------------------------------------------------------------------------
 
-constexpr int64_t kFullMaxN = 2048;   // largest N that gets a full N x N block per sample
-constexpr int64_t kStairTile = 32;    // row tile of the staircase GEMM of the full block
-constexpr int64_t kPanelTile = 256;   // canonical tile of the panel path (may shrink for huge k)
-constexpr int64_t kSmallK = 16;       // k up to this: sorted insertion array; above: buffer + nth_element
-constexpr int64_t kIntraMinN = 384;   // B < threads and N >= this: parallelise inside a sample
+constexpr int64_t kFullMaxN = 2048;  // largest N with a full N x N block per sample
+constexpr int64_t kStairTile = 64;   // row tile of the full block (a multiple of 4)
+constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrinks for huge k)
+constexpr int64_t kIntraMinN = 384;  // fewer samples than threads and N >= this: split inside a sample
+constexpr int64_t kPadRows = 4;      // zero rows after the last token of a centred copy
 // Pairs with d2 < (|x_i|^2 + |x_j|^2) / kRefineDiv are recomputed by direct differences.
 constexpr double kRefineDiv = 32.0;
 
@@ -79,36 +102,72 @@ inline int thread_id() {
 #endif
 }
 
-// sum_c a_c^2, accumulated in double (eight independent partial sums: deterministic, vectorisable).
-template <typename T>
-inline T sum_sq(const T* a, int64_t C) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    for (int l = 0; l < 8; ++l) {
-      const double v = static_cast<double>(a[c + l]);
-      acc[l] += v * v;
-    }
-  }
-  for (; c < C; ++c) acc[0] += static_cast<double>(a[c]) * static_cast<double>(a[c]);
-  return static_cast<T>(((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])));
+inline bool use_avx512_gram() {
+#ifdef HK_AVX512_GRAM
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && std::getenv("HOT_KERNELS_CPU_NO_AVX512") == nullptr;
+  }();
+  return ok;
+#else
+  return false;
+#endif
 }
 
-// sum_c (a_c - b_c)^2 in T with 16 partial sums. Symmetric in (a, b) bitwise ((a-b)^2 == (b-a)^2).
+// Row stride of a centred copy: C rounded up to 16, plus 16 (breaks the power-of-two strides whose
+// rows alias in the L1 cache). The padding columns are zero.
+inline int64_t row_stride(int64_t C) { return (C + 15) / 16 * 16 + 16; }
+
+// A zero-initialised buffer whose data() is 64-byte aligned.
+template <typename T>
+struct AlignedBuf {
+  std::vector<T> v;
+  T* p = nullptr;
+  void assign_zero(int64_t n) {
+    v.assign(static_cast<size_t>(n) + 64 / sizeof(T), T(0));
+    const auto a = reinterpret_cast<std::uintptr_t>(v.data());
+    p = v.data() + ((64 - a % 64) % 64) / sizeof(T);
+  }
+  T* data() { return p; }
+  const T* data() const { return p; }
+};
+
+// D from e = max(d2, 0): the reference's where(d2 > 0, sqrt(clamp_min(d2, tiny)), 0) / sqrt(C).
+template <typename T>
+inline T finish(T e, T scale) {
+  const T tiny = std::numeric_limits<T>::min();
+  return e > T(0) ? std::sqrt(e > tiny ? e : tiny) / scale : T(0);
+}
+
+template <typename T>
+inline T sqrt_c(int64_t C) {
+  return static_cast<T>(std::sqrt(static_cast<double>(C)));
+}
+
+// An upper bound on every e' with finish(e') == finish(e) (e' >= e). finish(e') == finish(e)
+// implies e' / e <= 1 + 4 eps (two roundings: sqrt, then the division), so 16 eps is ample; below
+// tiny every e shares finish(tiny). +inf stays +inf.
+template <typename T>
+inline T e_hi(T e) {
+  const T tiny = std::numeric_limits<T>::min();
+  if (!(e > T(0))) return T(0);
+  return (e > tiny ? e : tiny) * (T(1) + T(16) * std::numeric_limits<T>::epsilon());
+}
+
+// sum_c (a_c - b_c)^2 with 16 partial sums (fixed order). Symmetric in (a, b) bitwise.
 template <typename T>
 inline T sq_dist(const T* a, const T* b, int64_t C) {
   T acc[16];
   for (int l = 0; l < 16; ++l) acc[l] = T(0);
   int64_t c = 0;
-  for (; c + 16 <= C; c += 16) {
+  for (; c + 16 <= C; c += 16)
     for (int l = 0; l < 16; ++l) {
       const T d = a[c + l] - b[c + l];
       acc[l] += d * d;
     }
-  }
   for (; c < C; ++c) {
     const T d = a[c] - b[c];
-    acc[0] += d * d;
+    acc[c & 15] += d * d;
   }
   for (int w = 8; w >= 1; w /= 2)
     for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
@@ -133,261 +192,698 @@ inline void gemm_abt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, c
   at::mm_out(Cv, A, Bt);
 }
 
-// Centres one sample: xc = x - mean over the finite entries of the real tokens (per channel), and
-// sq_i = |xc_i|^2. Non-finite entries stay non-finite (so NaN tokens keep NaN distances -> 0).
+// ---- centring -----------------------------------------------------------------------------------
+
+// Channel sums of rows [0, n) (mask: only real rows), accumulated into sum.
 template <typename T>
-inline void center_sample(const T* x, int64_t N, int64_t C, const bool* mask, T* xc, T* sq,
-                          std::vector<double>& sum, std::vector<int64_t>& cnt) {
-  sum.assign(C, 0.0);
-  cnt.assign(C, 0);
-  for (int64_t i = 0; i < N; ++i) {
+HK_HOT void channel_sums(const T* x, int64_t n, int64_t C, const bool* mask, T* sum) {
+  for (int64_t i = 0; i < n; ++i) {
     if (mask && !mask[i]) continue;
     const T* xi = x + i * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const T v = xi[c];
-      const bool fin = (v - v) == T(0);  // false for inf and NaN
-      sum[c] += fin ? static_cast<double>(v) : 0.0;
-      cnt[c] += fin ? 1 : 0;
-    }
-  }
-  std::vector<T> mean(C);
-  for (int64_t c = 0; c < C; ++c) mean[c] = cnt[c] > 0 ? static_cast<T>(sum[c] / static_cast<double>(cnt[c])) : T(0);
-  for (int64_t i = 0; i < N; ++i) {
-    const T* xi = x + i * C;
-    T* yi = xc + i * C;
-    for (int64_t c = 0; c < C; ++c) yi[c] = xi[c] - mean[c];
-    sq[i] = sum_sq(yi, C);
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) sum[c] += xi[c];
   }
 }
 
-// Distance from a squared distance, exactly as the reference: d2 > 0 ? sqrt(max(d2, tiny)) / sqrt(C) : 0.
+// The same over the finite entries only, with their counts (used when the plain sum is not finite).
 template <typename T>
-struct DistFinish {
-  T scale;  // sqrt(C) in T
-  T tiny = std::numeric_limits<T>::min();
-  explicit DistFinish(int64_t C) : scale(static_cast<T>(std::sqrt(static_cast<double>(C)))) {}
-  inline T operator()(T d2) const {
-    const T c = d2 > tiny ? d2 : tiny;  // NaN -> tiny (discarded below)
-    const T r = std::sqrt(c) / scale;
-    return d2 > T(0) ? r : T(0);
-  }
-};
-
-// One row segment of Gram values -> distances, in place: g[j] holds x_i . y_j on entry, D(i, j) on
-// exit. sq_i = |x_i|^2, sqy[j] = |y_j|^2, xi / y rows (stride C) for the exact recomputation.
-template <typename T>
-inline void gram_row_to_dist(T* g, int64_t n, T sq_i, const T* sqy, const T* xi, const T* y, int64_t C,
-                             const DistFinish<T>& fin) {
-  const T div = static_cast<T>(kRefineDiv);
-  bool refine = false;
-  for (int64_t j = 0; j < n; ++j) {
-    const T s = sq_i + sqy[j];
-    const T d2 = s - T(2) * g[j];
-    refine |= (d2 * div < s);
-    g[j] = d2;
-  }
-  if (refine) {
-    for (int64_t j = 0; j < n; ++j) {
-      const T s = sq_i + sqy[j];
-      if (g[j] * div < s) g[j] = sq_dist(xi, y + j * C, C);
+HK_HOT void channel_sums_finite(const T* x, int64_t n, int64_t C, const bool* mask, T* sum, T* cnt) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (mask && !mask[i]) continue;
+    const T* xi = x + i * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = xi[c];
+      const bool fin = (v - v) == T(0);  // false for inf and NaN
+      sum[c] += fin ? v : T(0);
+      cnt[c] += fin ? T(1) : T(0);
     }
   }
-  for (int64_t j = 0; j < n; ++j) g[j] = fin(g[j]);
+}
+
+// xc = x - mean (rows of xc at stride ldx; its padding is left alone) and sq_i = |xc_i|^2 (16
+// partial sums, fixed order) for rows [0, n), in one pass. Non-finite entries stay non-finite.
+template <typename T>
+HK_HOT void subtract_mean(const T* x, int64_t n, int64_t C, const T* mean, T* xc, int64_t ldx, T* sq) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* xi = x + i * C;
+    T* yi = xc + i * ldx;
+    T acc[16];
+    for (int l = 0; l < 16; ++l) acc[l] = T(0);
+    int64_t c = 0;
+    for (; c + 16 <= C; c += 16)
+      for (int l = 0; l < 16; ++l) {
+        const T y = xi[c + l] - mean[c + l];
+        yi[c + l] = y;
+        acc[l] += y * y;
+      }
+    for (; c < C; ++c) {
+      const T y = xi[c] - mean[c];
+      yi[c] = y;
+      acc[c & 15] += y * y;
+    }
+    for (int w = 8; w >= 1; w /= 2)
+      for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    sq[i] = acc[0];
+  }
+}
+
+// Mean of the finite entries of the real rows of x (n rows) and, when y is given, of y's rows too
+// (ny rows, all real); 0 for a channel with no finite entry. scratch: 2 C; returns scratch[0, C).
+template <typename T>
+inline T* channel_mean(const T* x, int64_t n, const bool* mask, const T* y, int64_t ny, int64_t C, T* scratch) {
+  T* sum = scratch;
+  T* cnt = scratch + C;
+  std::fill(sum, sum + C, T(0));
+  channel_sums(x, n, C, mask, sum);
+  if (y) channel_sums(y, ny, C, static_cast<const bool*>(nullptr), sum);
+  int64_t nrows = y ? ny : 0;
+  if (mask) {
+    for (int64_t i = 0; i < n; ++i) nrows += mask[i] ? 1 : 0;
+  } else {
+    nrows += n;
+  }
+  bool finite = true;
+  for (int64_t c = 0; c < C; ++c) finite &= (sum[c] - sum[c]) == T(0);
+  if (finite) {
+    const T inv = nrows > 0 ? T(1) / static_cast<T>(nrows) : T(0);
+    for (int64_t c = 0; c < C; ++c) sum[c] *= inv;
+    return sum;
+  }
+  std::fill(scratch, scratch + 2 * C, T(0));
+  channel_sums_finite(x, n, C, mask, sum, cnt);
+  if (y) channel_sums_finite(y, ny, C, static_cast<const bool*>(nullptr), sum, cnt);
+  for (int64_t c = 0; c < C; ++c) sum[c] = cnt[c] > T(0) ? sum[c] / cnt[c] : T(0);
+  return sum;
+}
+
+// Centres one sample on the mean of the finite entries of its real tokens: xc rows at stride ldx
+// (padding untouched: keep it zero), sq[i] = |xc_i|^2. scratch: 2 C.
+template <typename T>
+inline void center_sample(const T* x, int64_t N, int64_t C, const bool* mask, T* xc, int64_t ldx, T* sq,
+                          T* scratch) {
+  const T* mean = channel_mean(x, N, mask, static_cast<const T*>(nullptr), 0, C, scratch);
+  subtract_mean(x, N, C, mean, xc, ldx, sq);
+}
+
+// ---- Gram values -> e -----------------------------------------------------------------------------
+
+// A row segment of Gram values -> e, in place: g[j] = x_i . y_j on entry, e(i, j) on exit. sq_i =
+// |x_i|^2, sqy[j] = |y_j|^2; xi and the rows of y (stride ldy) for the exact recomputation.
+template <typename T>
+HK_HOT void gram_to_e(T* g, int64_t n, T sq_i, const T* sqy, const T* xi, const T* y, int64_t ldy, int64_t C) {
+  const T div = static_cast<T>(kRefineDiv);
+  int refine = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const T s = sq_i + sqy[j];
+    const T d2 = s - (g[j] + g[j]);
+    refine |= (d2 * div < s);
+    g[j] = d2 > T(0) ? d2 : T(0);  // NaN -> 0, like the reference's where(d2 > 0, ...)
+  }
+  if (!refine) return;
+  for (int64_t j = 0; j < n; ++j) {
+    if (g[j] * div < sq_i + sqy[j]) {
+      const T d2 = sq_dist(xi, y + j * ldy, C);
+      g[j] = d2 > T(0) ? d2 : T(0);
+    }
+  }
+}
+
+// In place e -> D over n values.
+template <typename T>
+HK_HOT void e_to_dist(T* v, int64_t n, T scale) {
+  for (int64_t j = 0; j < n; ++j) v[j] = finish(v[j], scale);
 }
 
 // ---- full block (N <= kFullMaxN) ---------------------------------------------------------------
 
 inline int64_t stair_tiles(int64_t N) { return (N + kStairTile - 1) / kStairTile; }
 
-// Rows of staircase tiles [t0, t1) of the full N x N block D of one sample: GEMM of the tile's rows
-// against the columns from the tile start, then, for each row i, D(i, j > i) from the upper entries,
-// mirrored to D(j, i), and D(i, i) = 0. Different tiles touch disjoint entries, so tiles may run
-// in parallel (the mirror writes of row i land left of every later tile's GEMM columns).
+// The e values of rows [r0, r1) (one staircase tile whose GEMM is done): upper part from the Gram
+// entries, mirrored, zero diagonal.
 template <typename T>
-inline void full_block_tiles(const T* xc, const T* sq, int64_t N, int64_t C, T* D, int64_t t0, int64_t t1) {
-  const DistFinish<T> fin(C);
+HK_HOT void stair_rows_to_e(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, T* D, int64_t r0,
+                            int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    T* row = D + i * N;
+    row[i] = T(0);
+    const int64_t n = N - i - 1;
+    if (n <= 0) continue;
+    gram_to_e(row + i + 1, n, sq[i], sq + i + 1, xc + i * ld, xc + (i + 1) * ld, ld, C);
+    T* col = D + (i + 1) * N + i;
+    for (int64_t j = 0; j < n; ++j) col[j * N] = row[i + 1 + j];
+  }
+}
+
+#ifdef HK_AVX512_GRAM
+namespace avx512 {
+
+// (The zero-masking forms with a full mask are the plain instructions; unlike the plain intrinsics
+// they have no undefined pass-through operand, which GCC's -Wmaybe-uninitialized flags.)
+constexpr __mmask16 kAll = 0xFFFF;
+
+// 16 vectors -> one vector of their 16 horizontal sums: lane 4 (m % 4) + m / 4 = sum of v[m].
+__attribute__((target("avx512f"))) inline __m512 hsum16(const __m512* v) {
+  __m512 w[8];
+  for (int p = 0; p < 8; ++p)
+    w[p] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, v[2 * p], v[2 * p + 1], 0x44),
+                         _mm512_maskz_shuffle_f32x4(kAll, v[2 * p], v[2 * p + 1], 0xEE));
+  __m512 x[4];
+  for (int q = 0; q < 4; ++q)
+    x[q] = _mm512_add_ps(_mm512_maskz_shuffle_f32x4(kAll, w[2 * q], w[2 * q + 1], 0x88),
+                         _mm512_maskz_shuffle_f32x4(kAll, w[2 * q], w[2 * q + 1], 0xDD));
+  __m512 y[2];
+  for (int r = 0; r < 2; ++r) {
+    const __m512d a = _mm512_castps_pd(x[2 * r]), b = _mm512_castps_pd(x[2 * r + 1]);
+    y[r] = _mm512_add_ps(_mm512_castpd_ps(_mm512_maskz_unpacklo_pd(0xFF, a, b)), _mm512_castpd_ps(_mm512_maskz_unpackhi_pd(0xFF, a, b)));
+  }
+  return _mm512_add_ps(_mm512_maskz_shuffle_ps(kAll, y[0], y[1], 0x88), _mm512_maskz_shuffle_ps(kAll, y[0], y[1], 0xDD));
+}
+
+// The e values of rows [r0, r1) (r0 a multiple of 4) of the full block: D(i, j) for j > i and its
+// mirror D(j, i), D(i, i) = 0. xc: 64-byte aligned rows at stride ld (a multiple of 16), zero
+// beyond column C up to ck = C rounded up to 16, and kPadRows zero rows after row N - 1; sq has
+// kPadRows zeros after entry N - 1. Each 4 x 4 block of pairs accumulates 16 dot products over the
+// channels in 16 lanes, reduced by a fixed shuffle tree; lane 4 s + r holds pair (i0 + r, j + s).
+__attribute__((target("avx512f"))) inline void upper_e_rows(const float* xc, int64_t ld, int64_t ck, int64_t C,
+                                                            const float* sq, int64_t N, float* D, int64_t r0,
+                                                            int64_t r1) {
+  const __m512i idx_r = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);  // lane p: p % 4
+  const __m512i idx_s = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane p: p / 4
+  // transpose: lane 4 r + s <- lane 4 s + r
+  const __m512i idx_t = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512 zero = _mm512_setzero_ps();
+  const __m512 div = _mm512_set1_ps(static_cast<float>(kRefineDiv));
+  const __m512i nvec = _mm512_set1_epi32(static_cast<int>(N));
+  alignas(64) float te[16];
+  for (int64_t i0 = r0; i0 < r1; i0 += 4) {
+    for (int64_t i = i0; i < std::min(i0 + 4, N); ++i) D[i * N + i] = 0.f;
+    const __m512 sqi = _mm512_maskz_permutexvar_ps(kAll, idx_r, _mm512_zextps128_ps512(_mm_loadu_ps(sq + i0)));
+    const __m512i ii = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i0)), idx_r);
+    const float* A = xc + i0 * ld;
+    for (int64_t j = i0; j < N; j += 4) {
+      const float* Bp = xc + j * ld;
+      __m512 acc[16];
+      for (int m = 0; m < 16; ++m) acc[m] = zero;
+      for (int64_t k = 0; k < ck; k += 16) {
+        const __m512 b0 = _mm512_load_ps(Bp + k), b1 = _mm512_load_ps(Bp + ld + k);
+        const __m512 b2 = _mm512_load_ps(Bp + 2 * ld + k), b3 = _mm512_load_ps(Bp + 3 * ld + k);
+        for (int r = 0; r < 4; ++r) {
+          const __m512 a = _mm512_load_ps(A + r * ld + k);
+          acc[4 * r + 0] = _mm512_fmadd_ps(a, b0, acc[4 * r + 0]);
+          acc[4 * r + 1] = _mm512_fmadd_ps(a, b1, acc[4 * r + 1]);
+          acc[4 * r + 2] = _mm512_fmadd_ps(a, b2, acc[4 * r + 2]);
+          acc[4 * r + 3] = _mm512_fmadd_ps(a, b3, acc[4 * r + 3]);
+        }
+      }
+      const __m512 g = hsum16(acc);
+      const __m512 sqj = _mm512_maskz_permutexvar_ps(kAll, idx_s, _mm512_zextps128_ps512(_mm_loadu_ps(sq + j)));
+      const __m512 s = _mm512_add_ps(sqi, sqj);
+      const __m512 d2 = _mm512_sub_ps(s, _mm512_add_ps(g, g));
+      __m512 e = _mm512_maskz_max_ps(kAll, d2, zero);  // NaN -> 0 (the second operand)
+      const __m512i jj = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), idx_s);
+      const __mmask16 valid = _mm512_cmpgt_epi32_mask(jj, ii) & _mm512_cmplt_epi32_mask(jj, nvec);
+      const __mmask16 refine = _mm512_cmp_ps_mask(_mm512_mul_ps(d2, div), s, _CMP_LT_OQ) & valid;
+      if (refine) {
+        _mm512_store_ps(te, e);
+        for (int p = 0; p < 16; ++p) {
+          if (!((refine >> p) & 1)) continue;
+          const int64_t i = i0 + (p & 3), jx = j + (p >> 2);
+          const float v = sq_dist(xc + i * ld, xc + jx * ld, C);
+          te[p] = v > 0.f ? v : 0.f;
+        }
+        e = _mm512_load_ps(te);
+      }
+      if (valid == 0xFFFF) {
+        _mm_storeu_ps(D + (j + 0) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 0));
+        _mm_storeu_ps(D + (j + 1) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 1));
+        _mm_storeu_ps(D + (j + 2) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 2));
+        _mm_storeu_ps(D + (j + 3) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 3));
+        const __m512 et = _mm512_maskz_permutexvar_ps(kAll, idx_t, e);
+        _mm_storeu_ps(D + (i0 + 0) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 0));
+        _mm_storeu_ps(D + (i0 + 1) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 1));
+        _mm_storeu_ps(D + (i0 + 2) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 2));
+        _mm_storeu_ps(D + (i0 + 3) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 3));
+      } else if (valid) {
+        _mm512_store_ps(te, e);
+        for (int p = 0; p < 16; ++p) {
+          if (!((valid >> p) & 1)) continue;
+          const int64_t i = i0 + (p & 3), jx = j + (p >> 2);
+          D[i * N + jx] = te[p];
+          D[jx * N + i] = te[p];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace avx512
+#endif
+
+// Row tiles [t0, t1) (kStairTile rows each) of the full N x N e block of one sample. Different
+// tiles touch disjoint entries (a row's mirror writes land left of every later tile's columns), so
+// tiles may run in parallel. xc: see avx512::upper_e_rows (the BLAS path needs only the stride).
+template <typename T>
+inline void full_block_tiles(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, T* D, int64_t t0,
+                             int64_t t1) {
+#ifdef HK_AVX512_GRAM
+  if constexpr (std::is_same_v<T, float>) {
+    if (use_avx512_gram()) {
+      avx512::upper_e_rows(xc, ld, (C + 15) / 16 * 16, C, sq, N, D, t0 * kStairTile, std::min(N, t1 * kStairTile));
+      return;
+    }
+  }
+#endif
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t r0 = t * kStairTile, r1 = std::min(N, r0 + kStairTile);
-    gemm_abt<T>(r1 - r0, N - r0, C, xc + r0 * C, C, xc + r0 * C, C, D + r0 * N + r0, N);
-    for (int64_t i = r0; i < r1; ++i) {
-      T* row = D + i * N;
-      row[i] = T(0);
-      const int64_t n = N - i - 1;
-      if (n <= 0) continue;
-      gram_row_to_dist(row + i + 1, n, sq[i], sq + i + 1, xc + i * C, xc + (i + 1) * C, C, fin);
-      for (int64_t j = i + 1; j < N; ++j) D[j * N + i] = row[j];
-    }
+    gemm_abt<T>(r1 - r0, N - r0, C, xc + r0 * ld, ld, xc + r0 * ld, ld, D + r0 * N + r0, N);
+    stair_rows_to_e(xc, ld, sq, N, C, D, r0, r1);
   }
 }
 
 // ---- panels (N > kFullMaxN) --------------------------------------------------------------------
 
-// The canonical distances between the tokens of tile a (rows) and tile b (columns), written to
-// out (rows of tile a, ld = ldo). scratch: tile * tile. Tile t covers [t * tile, min(N, (t+1) * tile)).
 template <typename T>
-inline void canonical_block(const T* xc, const T* sq, int64_t N, int64_t C, int64_t tile, int64_t a, int64_t b,
-                            T* out, int64_t ldo, T* scratch) {
-  const DistFinish<T> fin(C);
+HK_HOT void transpose_block(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+  // dst[j][i] = src[i][j], src rows x cols (ld cols)
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * cols + j];
+}
+
+// The canonical e values between the tokens of tile a (rows) and tile b (columns), into out (rows
+// of tile a, ld = ldo). scratch: tile * tile. Tile t covers [t * tile, min(N, (t + 1) * tile)).
+template <typename T>
+inline void canonical_block(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, int64_t tile, int64_t a,
+                            int64_t b, T* out, int64_t ldo, T* scratch) {
   const int64_t ra = a * tile, na = std::min(N, ra + tile) - ra;
   const int64_t rb = b * tile, nb = std::min(N, rb + tile) - rb;
   if (a < b) {
-    gemm_abt<T>(na, nb, C, xc + ra * C, C, xc + rb * C, C, out, ldo);
+    gemm_abt<T>(na, nb, C, xc + ra * ld, ld, xc + rb * ld, ld, out, ldo);
     for (int64_t i = 0; i < na; ++i)
-      gram_row_to_dist(out + i * ldo, nb, sq[ra + i], sq + rb, xc + (ra + i) * C, xc + rb * C, C, fin);
-  } else if (a > b) {
-    // Canonical block is (b, a): compute it and transpose into out.
-    gemm_abt<T>(nb, na, C, xc + rb * C, C, xc + ra * C, C, scratch, na);
+      gram_to_e(out + i * ldo, nb, sq[ra + i], sq + rb, xc + (ra + i) * ld, xc + rb * ld, ld, C);
+  } else if (a > b) {  // the canonical block is (b, a): compute it, transpose it into out
+    gemm_abt<T>(nb, na, C, xc + rb * ld, ld, xc + ra * ld, ld, scratch, na);
     for (int64_t j = 0; j < nb; ++j)
-      gram_row_to_dist(scratch + j * na, na, sq[rb + j], sq + ra, xc + (rb + j) * C, xc + ra * C, C, fin);
-    for (int64_t i = 0; i < na; ++i)
-      for (int64_t j = 0; j < nb; ++j) out[i * ldo + j] = scratch[j * na + i];
+      gram_to_e(scratch + j * na, na, sq[rb + j], sq + ra, xc + (rb + j) * ld, xc + ra * ld, ld, C);
+    transpose_block(scratch, nb, na, out, ldo);
   } else {
-    gemm_abt<T>(na, na, C, xc + ra * C, C, xc + ra * C, C, scratch, na);
+    gemm_abt<T>(na, na, C, xc + ra * ld, ld, xc + ra * ld, ld, out, ldo);
     for (int64_t i = 0; i < na; ++i) {
-      T* row = scratch + i * na;
+      T* row = out + i * ldo;
+      row[i] = T(0);
       const int64_t n = na - i - 1;
-      if (n > 0) gram_row_to_dist(row + i + 1, n, sq[ra + i], sq + ra + i + 1, xc + (ra + i) * C,
-                                  xc + (ra + i + 1) * C, C, fin);
-    }
-    for (int64_t i = 0; i < na; ++i) {
-      out[i * ldo + i] = T(0);
-      for (int64_t j = i + 1; j < na; ++j) {
-        const T v = scratch[i * na + j];
-        out[i * ldo + j] = v;
-        out[j * ldo + i] = v;
-      }
+      if (n > 0)
+        gram_to_e(row + i + 1, n, sq[ra + i], sq + ra + i + 1, xc + (ra + i) * ld, xc + (ra + i + 1) * ld, ld, C);
+      for (int64_t j = i + 1; j < na; ++j) out[j * ldo + i] = row[j];
     }
   }
 }
 
-// ---- per-row state: the k smallest values of a row (a multiset; self included) ------------------
+// ---- per-row state: the k smallest e of a row (a multiset; self included) ------------------------
 
-// Keeps the k smallest of the values pushed (only values < +inf: a +inf or masked value is never a
-// neighbour, which is what the reference's masked_fill(+inf) + topk amounts to).
+// A row's own entry is exactly 0, the least possible value, so its k smallest are {0} and the k - 1
+// smallest of the other columns; only those are tracked, among values < +inf (a +inf or masked
+// value is never a neighbour: the reference's masked_fill(+inf) + topk). For ko = k - 1:
+//  * ko == 1: a running minimum (a vectorised reduction);
+//  * ko <= kLaneKMax: kLanes lanes each keeping its own ko smallest with a branch-free min/max
+//    insertion network (vectorised across lanes); the row's ko smallest are among the lanes';
+//  * larger: an unsorted buffer of 2 ko values, cut back to the ko smallest by nth_element when full
+//    (amortised O(1) per value); values >= the current ko-th smallest are not stored.
+constexpr int kLaneK = 8;      // unrolled networks up to this depth
+constexpr int kLaneKMax = 32;  // run-time depth networks up to this one
+constexpr int kLanes = 16;
+
 template <typename T>
-struct KSmallest {
+struct KState {
+  T* buf = nullptr;  // lanes: ko * kLanes values (buf[t * kLanes + l]); big: 2 ko values
   int64_t k = 1;
-  int64_t cap = 1;  // small k: k (sorted array); big k: 2k (unsorted buffer)
-  bool small = true;
-  T* buf = nullptr;
-  int64_t n = 0;  // big k: stored count; small k: unused
-  T thr = inf<T>();
+  int64_t ko = 0;
+  int64_t n = 0;     // big: values stored
+  T thr = inf<T>();  // ko == 1: the minimum; big: a value must be < thr to be stored
 
+  static int64_t capacity_for(int64_t k) {
+    const int64_t ko = k - 1;
+    return ko <= 1 ? 1 : (ko <= kLaneKMax ? ko * kLanes : 2 * ko);
+  }
+  bool lanes() const { return ko >= 2 && ko <= kLaneKMax; }
   void init(int64_t k_, T* storage) {
     k = k_;
-    small = k <= kSmallK;
-    cap = small ? k : 2 * k;
+    ko = k - 1;
     buf = storage;
     reset();
   }
-  static int64_t capacity_for(int64_t k_) { return k_ <= kSmallK ? k_ : 2 * k_; }
   void reset() {
     n = 0;
     thr = inf<T>();
-    if (small) std::fill(buf, buf + k, inf<T>());
+    if (lanes()) std::fill(buf, buf + ko * kLanes, inf<T>());
   }
+};
 
-  inline void insert_small(T v) {
-    int64_t p = k - 1;
-    while (p > 0 && buf[p - 1] > v) {
-      buf[p] = buf[p - 1];
-      --p;
-    }
-    buf[p] = v;
-    thr = buf[k - 1];
-  }
-  inline void insert_big(T v) {
-    buf[n++] = v;
-    if (n == cap) {
-      std::nth_element(buf, buf + (k - 1), buf + n);
-      n = k;
-      thr = buf[k - 1];
+template <typename T>
+HK_HOT T min_pen(const T* v, const T* pen, int64_t len, T m) {
+  if (pen == nullptr) {
+#pragma omp simd reduction(min : m)
+    for (int64_t j = 0; j < len; ++j) m = v[j] < m ? v[j] : m;
+  } else {
+#pragma omp simd reduction(min : m)
+    for (int64_t j = 0; j < len; ++j) {
+      const T x = v[j] + pen[j];
+      m = x < m ? x : m;
     }
   }
+  return m;
+}
 
-  // Values v[0..len) of columns whose mask is colmask[0..len) (nullptr: all real).
-  void push(const T* v, const bool* colmask, int64_t len) {
-    constexpr int64_t W = 16;
-    int64_t j0 = 0;
-    for (; j0 < len; j0 += W) {
-      const int64_t j1 = std::min(len, j0 + W);
-      int any = 0;
-      const T t = thr;
-      for (int64_t j = j0; j < j1; ++j) any |= (v[j] < t);
-      if (!any) continue;
-      for (int64_t j = j0; j < j1; ++j) {
-        const T x = v[j];
-        if (x < thr && (colmask == nullptr || colmask[j])) {
-          if (small)
-            insert_small(x);
-          else
-            insert_big(x);
+template <typename T, int K>
+HK_HOT void lanes_push(T* m, const T* v, const T* pen, int64_t len) {
+  constexpr int W = kLanes;
+  int64_t j0 = 0;
+  for (; j0 + W <= len; j0 += W) {
+    if (pen == nullptr) {
+#pragma omp simd
+      for (int l = 0; l < W; ++l) {
+        T x = v[j0 + l];
+        for (int t = 0; t < K; ++t) {
+          const T mt = m[t * W + l];
+          const T lo = x < mt ? x : mt;
+          x = x < mt ? mt : x;
+          m[t * W + l] = lo;
+        }
+      }
+    } else {
+#pragma omp simd
+      for (int l = 0; l < W; ++l) {
+        T x = v[j0 + l] + pen[j0 + l];
+        for (int t = 0; t < K; ++t) {
+          const T mt = m[t * W + l];
+          const T lo = x < mt ? x : mt;
+          x = x < mt ? mt : x;
+          m[t * W + l] = lo;
         }
       }
     }
   }
-
-  // log rho = -(sum of squares of the k smallest, ascending) / count. Without a mask a missing
-  // neighbour (+inf) makes it -inf; with a mask missing ones contribute 0 and count = clamp(nreal, 1, k).
-  T finish_log(bool mask_mode, int64_t nreal) {
-    int64_t m;
-    if (small) {
-      m = 0;
-      while (m < k && buf[m] < inf<T>()) ++m;
-    } else {
-      if (n > k) std::nth_element(buf, buf + (k - 1), buf + n);
-      m = std::min(n, k);
-      std::sort(buf, buf + m);
-    }
-    T s = T(0);
-    for (int64_t t = 0; t < m; ++t) s += buf[t] * buf[t];
-    if (!mask_mode) {
-      if (m < k) s = inf<T>();
-      return -(s / static_cast<T>(k));
-    }
-    const int64_t count = std::min<int64_t>(std::max<int64_t>(nreal, 1), k);
-    return -(s / static_cast<T>(count));
-  }
-};
-
-// ---- per-row state: min over higher tokens (delta / parent) --------------------------------------
-
-// Over the columns j0 .. j0+len of one row: the first column attaining the minimum of D among the
-// columns ranked before `ri`. Columns must be fed in increasing order. arg < 0: none seen yet.
-template <typename T>
-inline void delta_push(const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t j0, int64_t len, T& best,
-                       int64_t& arg) {
-  constexpr int64_t W = 16;
-  for (int64_t c0 = 0; c0 < len; c0 += W) {
-    const int64_t c1 = std::min(len, c0 + W);
-    if (arg >= 0) {
-      int any = 0;
-      const T b = best;
-      for (int64_t c = c0; c < c1; ++c) any |= ((rank[c] < ri) & (v[c] < b));
-      if (!any) continue;
-    }
-    for (int64_t c = c0; c < c1; ++c) {
-      if (rank[c] < ri && (arg < 0 || v[c] < best)) {
-        best = v[c];
-        arg = j0 + c;
-      }
+  for (int64_t j = j0; j < len; ++j) {
+    const int l = static_cast<int>(j - j0);
+    T x = pen == nullptr ? v[j] : v[j] + pen[j];
+    for (int t = 0; t < K; ++t) {
+      const T mt = m[t * W + l];
+      const T lo = x < mt ? x : mt;
+      x = x < mt ? mt : x;
+      m[t * W + l] = lo;
     }
   }
 }
 
-// Largest distance of a real row to the real columns (D >= 0, so 0 is neutral).
+// The same network with a run-time depth K (kLaneK < K <= kLaneKMax).
 template <typename T>
-inline T row_max_real(const T* v, const bool* colmask, int64_t len, T cur) {
+HK_HOT void lanes_push_dyn(T* m, int64_t K, const T* v, const T* pen, int64_t len) {
+  constexpr int W = kLanes;
+  int64_t j0 = 0;
+  for (; j0 + W <= len; j0 += W) {
+    T x[W];
+    if (pen == nullptr) {
+      for (int l = 0; l < W; ++l) x[l] = v[j0 + l];
+    } else {
+      for (int l = 0; l < W; ++l) x[l] = v[j0 + l] + pen[j0 + l];
+    }
+    for (int64_t t = 0; t < K; ++t) {
+      T* mt = m + t * W;
+#pragma omp simd
+      for (int l = 0; l < W; ++l) {
+        const T a = mt[l];
+        const T lo = x[l] < a ? x[l] : a;
+        x[l] = x[l] < a ? a : x[l];
+        mt[l] = lo;
+      }
+    }
+  }
+  for (int64_t j = j0; j < len; ++j) {
+    const int l = static_cast<int>(j - j0);
+    T x = pen == nullptr ? v[j] : v[j] + pen[j];
+    for (int64_t t = 0; t < K; ++t) {
+      const T a = m[t * W + l];
+      const T lo = x < a ? x : a;
+      x = x < a ? a : x;
+      m[t * W + l] = lo;
+    }
+  }
+}
+
+template <typename T>
+inline void big_insert(KState<T>& s, T x) {
+  s.buf[s.n++] = x;
+  if (s.n == 2 * s.ko) {
+    std::nth_element(s.buf, s.buf + (s.ko - 1), s.buf + s.n);
+    s.n = s.ko;
+    s.thr = s.buf[s.ko - 1];
+  }
+}
+
+template <typename T>
+HK_HOT void big_push(KState<T>& s, const T* v, const T* pen, int64_t len) {
+  constexpr int64_t W = 16;
+  int64_t j0 = 0;
+  for (; j0 + W <= len; j0 += W) {
+    const T t = s.thr;
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t l = 0; l < W; ++l) any |= static_cast<int>(v[j0 + l] < t);
+    if (!any) continue;
+    for (int64_t j = j0; j < j0 + W; ++j)
+      if (v[j] < s.thr && (pen == nullptr || pen[j] == T(0))) big_insert(s, v[j]);
+  }
+  for (int64_t j = j0; j < len; ++j)
+    if (v[j] < s.thr && (pen == nullptr || pen[j] == T(0))) big_insert(s, v[j]);
+}
+
+template <typename T>
+inline void kstate_push_range(KState<T>& s, const T* v, const T* pen, int64_t len) {
+  if (len <= 0 || s.ko == 0) return;
+  if (s.ko == 1) {
+    s.thr = min_pen(v, pen, len, s.thr);
+    return;
+  }
+  if (!s.lanes()) return big_push(s, v, pen, len);
+  switch (s.ko) {
+    case 2: return lanes_push<T, 2>(s.buf, v, pen, len);
+    case 3: return lanes_push<T, 3>(s.buf, v, pen, len);
+    case 4: return lanes_push<T, 4>(s.buf, v, pen, len);
+    case 5: return lanes_push<T, 5>(s.buf, v, pen, len);
+    case 6: return lanes_push<T, 6>(s.buf, v, pen, len);
+    case 7: return lanes_push<T, 7>(s.buf, v, pen, len);
+    case 8: return lanes_push<T, 8>(s.buf, v, pen, len);
+    default: return lanes_push_dyn<T>(s.buf, s.ko, v, pen, len);
+  }
+}
+
+// Values v[0..len) of columns with penalties pen[0..len) (0: real, +inf: masked; nullptr: all real;
+// e is never NaN and e + 0 == e, so v + pen is v for a real column and +inf for a masked one), the
+// row's own column at `self` (or -1 when it is not in this range) skipped.
+template <typename T>
+inline void kstate_push(KState<T>& s, const T* v, const T* pen, int64_t len, int64_t self) {
+  if (self < 0 || self >= len) return kstate_push_range(s, v, pen, len);
+  kstate_push_range(s, v, pen, self);
+  kstate_push_range(s, v + self + 1, pen ? pen + self + 1 : pen, len - self - 1);
+}
+
+// log rho = -(sum over the k nearest, ascending, of D^2) / count. Without a mask a missing
+// neighbour (+inf) makes it -inf; with one, missing neighbours add 0 and count = clamp(nreal, 1, k).
+template <typename T>
+inline T kstate_log_density(KState<T>& s, T scale, bool mask_mode, int64_t nreal) {
+  T small[kLaneKMax];
+  const T* vals = s.buf;
+  int64_t m = 0;  // others found
+  if (s.ko == 1) {
+    small[0] = s.thr;
+    m = small[0] < inf<T>() ? 1 : 0;
+    vals = small;
+  } else if (s.lanes()) {
+    // The ko smallest of the lane values (+inf = empty), ascending, by insertion. Each lane is
+    // sorted (buf[t * kLanes + l] ascends with t), so once a whole depth level adds nothing, no
+    // deeper one can.
+    for (int64_t t = 0; t < s.ko; ++t) small[t] = inf<T>();
+    for (int64_t t = 0; t < s.ko; ++t) {
+      bool added = false;
+      for (int l = 0; l < kLanes; ++l) {
+        const T x = s.buf[t * kLanes + l];
+        if (!(x < small[s.ko - 1])) continue;
+        int64_t p = s.ko - 1;
+        while (p > 0 && small[p - 1] > x) {
+          small[p] = small[p - 1];
+          --p;
+        }
+        small[p] = x;
+        added = true;
+      }
+      if (!added) break;
+    }
+    while (m < s.ko && small[m] < inf<T>()) ++m;
+    vals = small;
+  } else if (s.ko > 0) {
+    if (s.n > s.ko) std::nth_element(s.buf, s.buf + (s.ko - 1), s.buf + s.n);
+    m = std::min(s.n, s.ko);
+    std::sort(s.buf, s.buf + m);
+  }
+  T sum = T(0);  // the row's own D = 0 comes first
+  for (int64_t t = 0; t < m; ++t) {
+    const T d = finish(vals[t], scale);
+    sum += d * d;
+  }
+  if (!mask_mode) {
+    if (m < s.ko) sum = inf<T>();
+    return -(sum / static_cast<T>(s.k));
+  }
+  const int64_t count = std::min<int64_t>(std::max<int64_t>(nreal, 1), s.k);
+  return -(sum / static_cast<T>(count));
+}
+
+// ---- per-row state: the first column attaining the minimum D among higher tokens ---------------
+
+template <typename T>
+struct MinState {
+  T d = inf<T>();      // the minimum D so far
+  T bound = inf<T>();  // e_hi of its e: a later column can only win with e <= bound
+  int64_t arg = -1;    // -1: no candidate yet
+};
+
+// A candidate column (columns arrive in increasing index order): wins if it is the first one, or
+// its D is strictly smaller (so among equal D the lowest index stays).
+template <typename T>
+inline void minstate_offer(MinState<T>& s, T e, int64_t j, T scale) {
+  const T d = finish(e, scale);
+  if (s.arg < 0 || d < s.d) {
+    s.d = d;
+    s.bound = e_hi(e);
+    s.arg = j;
+  }
+}
+
+// Streaming form (panel path): columns j0 + [0, len) of a row, e values v, ranks rank[0..len);
+// candidates are the columns ranked before ri (the higher tokens).
+template <typename T>
+HK_HOT void delta_push(MinState<T>& s, const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t j0, int64_t len,
+                       T scale) {
+  constexpr int64_t W = 16;
+  int64_t c0 = 0;
+  // Until the first candidate, take the first higher column whatever its value.
+  for (; c0 < len && s.arg < 0; ++c0)
+    if (rank[c0] < ri) minstate_offer(s, v[c0], j0 + c0, scale);
+  for (; c0 + W <= len; c0 += W) {
+    const T b = s.bound;
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t l = 0; l < W; ++l) any |= static_cast<int>(rank[c0 + l] < ri) & static_cast<int>(v[c0 + l] <= b);
+    if (!any) continue;
+    for (int64_t c = c0; c < c0 + W; ++c)
+      if (rank[c] < ri && v[c] <= s.bound) minstate_offer(s, v[c], j0 + c, scale);
+  }
+  for (; c0 < len; ++c0)
+    if (rank[c0] < ri && v[c0] <= s.bound) minstate_offer(s, v[c0], j0 + c0, scale);
+}
+
+// Full-row form: the first column attaining the minimum D among the columns ranked before ri
+// (ri > 0, so there is one). A min-reduction of e over those columns, then the first of them whose
+// D equals finish(min) (an e up to e_hi(min) may round to the same D). Returns D, sets arg.
+template <typename T>
+HK_HOT T delta_row(const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t N, T scale, int64_t& arg) {
+  T m = inf<T>();
+#pragma omp simd reduction(min : m)
+  for (int64_t j = 0; j < N; ++j) {
+    const T x = rank[j] < ri ? v[j] : inf<T>();
+    m = x < m ? x : m;
+  }
+  const T d = finish(m, scale);
+  const T hi = e_hi(m) > m ? e_hi(m) : m;  // m == +inf: every higher column qualifies
+  constexpr int64_t W = 16;
+  int64_t j = 0;
+  for (; j + W <= N; j += W) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t l = 0; l < W; ++l) any |= static_cast<int>(rank[j + l] < ri) & static_cast<int>(v[j + l] <= hi);
+    if (!any) continue;
+    for (int64_t c = j; c < j + W; ++c)
+      if (rank[c] < ri && v[c] <= hi && finish(v[c], scale) == d) {
+        arg = c;
+        return d;
+      }
+  }
+  for (; j < N; ++j)
+    if (rank[j] < ri && v[j] <= hi && finish(v[j], scale) == d) {
+      arg = j;
+      return d;
+    }
+  // Not reached (the minimum is attained); stay in range regardless.
+  for (j = 0; j < N; ++j)
+    if (rank[j] < ri) break;
+  arg = j < N ? j : 0;
+  return d;
+}
+
+// Largest e of a real row over the real columns (e >= 0 and never NaN, so 0 is neutral).
+template <typename T>
+HK_HOT T max_e_real(const T* v, const T* pen, int64_t len, T cur) {
   T m = cur;
-  if (colmask == nullptr) {
+  if (pen == nullptr) {
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < len; ++j) m = v[j] > m ? v[j] : m;
   } else {
+#pragma omp simd reduction(max : m)
     for (int64_t j = 0; j < len; ++j) {
-      const T x = colmask[j] ? v[j] : T(0);
+      const T x = pen[j] == T(0) ? v[j] : T(0);
       m = x > m ? x : m;
     }
   }
   return m;
+}
+
+// ---- assignment ---------------------------------------------------------------------------------
+
+// Position p's row of e against rows [r0, r1): the running first-argmin of e (p = 0 initialises).
+template <typename T>
+HK_HOT void assign_first(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, T* be, IndexFor<T>* bp) {
+#pragma omp simd
+  for (int64_t i = r0; i < r1; ++i) {
+    const bool better = p == 0 || row[i] < be[i];
+    be[i] = better ? row[i] : be[i];
+    bp[i] = better ? p : bp[i];
+  }
+}
+
+// Near-tie pass: a lower position whose distinct e rounds to the same D wins.
+template <typename T>
+HK_HOT void assign_ties(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, const T* be, const T* hi,
+                        IndexFor<T>* bp, T scale) {
+  constexpr int64_t W = 16;
+  int64_t i0 = r0;
+  for (; i0 + W <= r1; i0 += W) {
+    int any = 0;
+#pragma omp simd reduction(| : any)
+    for (int64_t l = 0; l < W; ++l)
+      any |= static_cast<int>(p < bp[i0 + l]) & static_cast<int>(row[i0 + l] <= hi[i0 + l]);
+    if (!any) continue;
+    for (int64_t i = i0; i < i0 + W; ++i)
+      if (p < bp[i] && row[i] <= hi[i] && finish(row[i], scale) == finish(be[i], scale)) bp[i] = p;
+  }
+  for (int64_t i = i0; i < r1; ++i)
+    if (p < bp[i] && row[i] <= hi[i] && finish(row[i], scale) == finish(be[i], scale)) bp[i] = p;
+}
+
+// Rows [r0, r1): row(p)[i] = e(kept p, i) == e(i, kept p) for p in [0, f); asg[i] = the lowest
+// position attaining the minimum D. be, hi: scratch (T), bp: scratch (IndexFor<T>), indexed by i.
+template <typename T, typename RowFn>
+inline void assign_rows(RowFn row, int64_t f, int64_t r0, int64_t r1, T scale, T* be, IndexFor<T>* bp, T* hi,
+                        int64_t* asg) {
+  using I = IndexFor<T>;
+  for (int64_t p = 0; p < f; ++p) assign_first(row(p), static_cast<I>(p), r0, r1, be, bp);
+  bool ties = false;
+  for (int64_t i = r0; i < r1; ++i) {
+    hi[i] = e_hi(be[i]);
+    ties |= bp[i] > 0;
+  }
+  if (ties)
+    for (int64_t p = 0; p + 1 < f; ++p) assign_ties(row(p), static_cast<I>(p), r0, r1, be, hi, bp, scale);
+  for (int64_t i = r0; i < r1; ++i) asg[i] = bp[i];
 }
 
 // ---- ranking ----------------------------------------------------------------------------------
@@ -410,7 +906,7 @@ inline K nan_low(K v) {
   return v != v ? -inf<K>() : v;
 }
 
-// The nsel best of N by RankBefore into out: ascending index (sorted) or best first. perm: N scratch.
+// The nsel best of N by RankBefore into out: ascending index (sorted) or best first. perm: scratch.
 template <typename K>
 inline void select_best(const int8_t* cls, const K* key, int64_t N, int64_t nsel, bool sorted, int64_t* out,
                         std::vector<int64_t>& perm) {
@@ -426,8 +922,7 @@ inline void select_best(const int8_t* cls, const K* key, int64_t N, int64_t nsel
   std::copy(perm.begin(), perm.begin() + nsel, out);
 }
 
-// Order of the tokens by a "higher" key (higher first, ties to the lower index): order[t] = token,
-// rank[token] = t.
+// Tokens ordered by a "higher" key (higher first, ties to the lower index): rank[token] = position.
 template <typename I>
 inline void rank_by_key(const double* key, int64_t N, std::vector<int64_t>& order, I* rank) {
   order.resize(N);
@@ -441,52 +936,67 @@ inline void rank_by_key(const double* key, int64_t N, std::vector<int64_t>& orde
 
 // ---- the fused driver ---------------------------------------------------------------------------
 
-// What to compute for a batch. x: (B, N, C) contiguous in T. Everything (B, N) is row-major.
+// What to compute for a batch. x: (B, N, C) contiguous in T; every (B, N) array is row-major.
 template <typename T>
 struct Job {
   const T* x = nullptr;
   int64_t B = 0, N = 0, C = 0;
   const bool* mask = nullptr;  // (B, N) or nullptr
-  // density: k > 0 computes log rho (k nearest, self included) into log_rho (B, N)
+  // density: k > 0 computes log rho (k nearest, self included) into log_rho
   int64_t k = 0;
   T* log_rho = nullptr;
-  // delta: ordered by keys (B, N) when given (dpc_delta; NaN/masked are mapped to -inf here), else
-  // by log_rho
+  // delta: ordered by keys when given (dpc_delta; NaN and masked map to -inf here), else by log_rho
   bool want_delta = false;
   const double* keys = nullptr;
-  T* delta = nullptr;          // (B, N)
-  int64_t* parent = nullptr;   // (B, N) or nullptr
+  T* delta = nullptr;
+  int64_t* parent = nullptr;  // or nullptr
   // selection (dpc_knn): score = delta * exp(log rho)
   bool want_select = false;
   int64_t f = 0;
   int64_t center = -1;
   bool keep_center = true;
   bool sorted = true;
-  int64_t* index = nullptr;    // (B, f)
-  int64_t* assign = nullptr;   // (B, N) or nullptr
+  int64_t* index = nullptr;   // (B, f)
+  int64_t* assign = nullptr;  // (B, N) or nullptr
 };
 
-// Per-sample state and thread scratch.
+// Per-sample state and thread scratch of the full-block path.
 template <typename T>
 struct SampleWork {
-  std::vector<T> xc, sq, D, rowmax, score, kbuf;
-  std::vector<double> key, csum;
-  std::vector<int64_t> order, perm, ccnt;
-  std::vector<IndexFor<T>> rank;
+  AlignedBuf<T> xc;  // (N + kPadRows) x ld, zero padding
+  int64_t ld = 0;
+  std::vector<T> sq, D, rowmax, score, kbuf, cscratch, be, hi, pen;
+  std::vector<double> key;
+  std::vector<int64_t> order, perm;
+  std::vector<IndexFor<T>> rank, bp;
   std::vector<int8_t> cls;
-  std::vector<T> abest;
-  int64_t nreal = 0;
-  T largest = T(0);
 };
 
-// Density rows [r0, r1) of one sample whose full distance matrix is D (row stride N); also the
-// largest real distance of each real row when rowmax is given.
 template <typename T>
-inline void full_density_rows(const Job<T>& job, int64_t b, const T* D, int64_t nreal, int64_t r0, int64_t r1,
-                              T* kstore, T* rowmax) {
+inline int64_t count_real(const Job<T>& job, int64_t b) {
+  if (!job.mask) return job.N;
+  int64_t n = 0;
+  for (int64_t i = 0; i < job.N; ++i) n += job.mask[b * job.N + i] ? 1 : 0;
+  return n;
+}
+
+// Column penalties of one sample: 0 for a real token, +inf for a masked one (nullptr: no mask).
+template <typename T>
+inline const T* sample_pen(const Job<T>& job, int64_t b, T* pen) {
+  if (!job.mask) return nullptr;
+  for (int64_t i = 0; i < job.N; ++i) pen[i] = job.mask[b * job.N + i] ? T(0) : inf<T>();
+  return pen;
+}
+
+// Density of the rows [r0, r1) of one sample from its full e block (row stride N), and the largest
+// real e of each real row when rowmax is given.
+template <typename T>
+inline void full_density_rows(const Job<T>& job, int64_t b, const T* D, const T* pen, int64_t nreal, int64_t r0,
+                              int64_t r1, T* kstore, T* rowmax) {
   const int64_t N = job.N;
+  const T scale = sqrt_c<T>(job.C);
   const bool* mask = job.mask ? job.mask + b * N : nullptr;
-  KSmallest<T> ks;
+  KState<T> ks;
   if (job.k > 0) ks.init(job.k, kstore);
   for (int64_t i = r0; i < r1; ++i) {
     const T* row = D + i * N;
@@ -494,17 +1004,17 @@ inline void full_density_rows(const Job<T>& job, int64_t b, const T* D, int64_t 
     if (job.k > 0) {
       if (real) {
         ks.reset();
-        ks.push(row, mask, N);
-        job.log_rho[b * N + i] = ks.finish_log(mask != nullptr, nreal);
+        kstate_push(ks, row, pen, N, i);
+        job.log_rho[b * N + i] = kstate_log_density(ks, scale, mask != nullptr, nreal);
       } else {
         job.log_rho[b * N + i] = -inf<T>();
       }
     }
-    if (rowmax) rowmax[i] = real ? row_max_real(row, mask, N, T(0)) : T(0);
+    if (rowmax) rowmax[i] = real ? max_e_real(row, pen, N, T(0)) : T(0);
   }
 }
 
-// Keys of one sample for the delta order (NaN and masked tokens -> -inf), then order and rank.
+// Keys of one sample for the delta order (NaN and masked tokens -> -inf), then the ranks.
 template <typename T>
 inline void sample_rank(const Job<T>& job, int64_t b, SampleWork<T>& w) {
   const int64_t N = job.N;
@@ -520,31 +1030,35 @@ inline void sample_rank(const Job<T>& job, int64_t b, SampleWork<T>& w) {
   rank_by_key(w.key.data(), N, w.order, w.rank.data());
 }
 
-// Finishes a row's delta: the highest token (no column ranked before it) gets `largest`, itself.
+// A row's delta / parent; the highest token (no candidate) gets the largest real distance, itself.
 template <typename T>
-inline void finish_delta(const Job<T>& job, int64_t b, int64_t i, T best, int64_t arg, T largest) {
+inline void finish_delta(const Job<T>& job, int64_t b, int64_t i, const MinState<T>& s, T largest) {
   const int64_t N = job.N;
-  if (arg < 0) {
-    best = largest;
-    arg = i;
-  }
-  job.delta[b * N + i] = best;
-  if (job.parent) job.parent[b * N + i] = arg;
+  job.delta[b * N + i] = s.arg < 0 ? largest : s.d;
+  if (job.parent) job.parent[b * N + i] = s.arg < 0 ? i : s.arg;
 }
 
 template <typename T>
 inline void full_delta_rows(const Job<T>& job, int64_t b, const T* D, const IndexFor<T>* rank, T largest,
                             int64_t r0, int64_t r1) {
   const int64_t N = job.N;
+  const T scale = sqrt_c<T>(job.C);
   for (int64_t i = r0; i < r1; ++i) {
-    T best = inf<T>();
-    int64_t arg = -1;
-    if (rank[i] > 0) delta_push(D + i * N, rank, rank[i], 0, N, best, arg);
-    finish_delta(job, b, i, best, arg, largest);
+    MinState<T> s;
+    if (rank[i] > 0) s.d = delta_row(D + i * N, rank, rank[i], N, scale, s.arg);
+    finish_delta(job, b, i, s, largest);
   }
 }
 
-// Selection of one sample (needs log_rho and delta): writes job.index[b].
+// Largest real distance of a sample from its rows' largest real e.
+template <typename T>
+inline T largest_of(const T* rowmax, int64_t N, int64_t C) {
+  T m = T(0);
+  for (int64_t i = 0; i < N; ++i) m = rowmax[i] > m ? rowmax[i] : m;
+  return finish(m, sqrt_c<T>(C));
+}
+
+// Selection of one sample (needs log_rho and delta): job.index[b].
 template <typename T>
 inline void sample_select(const Job<T>& job, int64_t b, SampleWork<T>& w) {
   const int64_t N = job.N, f = job.f;
@@ -553,57 +1067,51 @@ inline void sample_select(const Job<T>& job, int64_t b, SampleWork<T>& w) {
   w.cls.resize(N);
   for (int64_t i = 0; i < N; ++i) {
     const T s = job.delta[b * N + i] * std::exp(job.log_rho[b * N + i]);
-    const bool isnan_s = s != s;
-    int8_t c = isnan_s ? 2 : 3;
-    if (mask && !mask[i]) c = 1;
-    w.cls[i] = c;
-    w.score[i] = isnan_s ? -inf<T>() : s;
+    const bool nan = s != s;
+    w.cls[i] = (mask && !mask[i]) ? 1 : (nan ? 2 : 3);
+    w.score[i] = nan ? -inf<T>() : s;
   }
   int64_t* out = job.index + b * f;
   if (job.center < 0) {
     select_best(w.cls.data(), w.score.data(), N, f, job.sorted, out, w.perm);
     return;
   }
-  w.cls[job.center] = 0;
+  w.cls[job.center] = 0;  // excluded: below every other class, never among the first N - 1
   const int64_t npick = job.keep_center ? f - 1 : f;
   select_best(w.cls.data(), w.score.data(), N, npick, false, out, w.perm);
   if (job.keep_center) out[f - 1] = job.center;
   if (job.sorted) std::sort(out, out + f);
 }
 
-// Assignment rows [r0, r1) of one sample with a full distance matrix: nearest kept token by D
-// (lowest position on ties); kept tokens map to their own position. best: N scratch.
+// Assignment of rows [r0, r1) of one sample from its full e block (row of kept p = its column).
 template <typename T>
-inline void full_assign_rows(const Job<T>& job, int64_t b, const T* D, int64_t r0, int64_t r1, T* best) {
+inline void full_assign_rows(const Job<T>& job, int64_t b, const T* D, int64_t r0, int64_t r1, SampleWork<T>& w) {
   const int64_t N = job.N, f = job.f;
   const int64_t* idx = job.index + b * f;
   int64_t* asg = job.assign + b * N;
-  if (f <= 0) return;
-  {
-    const T* row = D + idx[0] * N;  // D(kept, i) == D(i, kept) bitwise
-    for (int64_t i = r0; i < r1; ++i) {
-      best[i] = row[i];
-      asg[i] = 0;
-    }
-  }
-  for (int64_t p = 1; p < f; ++p) {
-    const T* row = D + idx[p] * N;
-    for (int64_t i = r0; i < r1; ++i) {
-      const bool better = row[i] < best[i];
-      best[i] = better ? row[i] : best[i];
-      asg[i] = better ? p : asg[i];
-    }
-  }
+  if (f <= 0 || r0 >= r1) return;
+  assign_rows([&](int64_t p) { return D + idx[p] * N; }, f, r0, r1, sqrt_c<T>(job.C), w.be.data(), w.bp.data(),
+              w.hi.data(), asg);
   for (int64_t p = 0; p < f; ++p)
     if (idx[p] >= r0 && idx[p] < r1) asg[idx[p]] = p;
 }
 
 template <typename T>
-inline int64_t count_real(const Job<T>& job, int64_t b) {
-  if (!job.mask) return job.N;
-  int64_t n = 0;
-  for (int64_t i = 0; i < job.N; ++i) n += job.mask[b * job.N + i] ? 1 : 0;
-  return n;
+inline void size_work(const Job<T>& job, SampleWork<T>& w) {
+  const int64_t N = job.N, C = job.C;
+  w.ld = row_stride(C);
+  w.xc.assign_zero((N + kPadRows) * w.ld);
+  w.sq.assign(N + kPadRows, T(0));
+  w.D.resize(N * N);
+  w.rowmax.resize(N);
+  w.cscratch.resize(2 * C);
+  w.pen.resize(N);
+  w.kbuf.resize(job.k > 0 ? KState<T>::capacity_for(job.k) : 1);
+  if (job.assign) {
+    w.be.resize(N);
+    w.hi.resize(N);
+    w.bp.resize(N);
+  }
 }
 
 // One whole sample on the calling thread (full block).
@@ -611,57 +1119,44 @@ template <typename T>
 inline void full_sample(const Job<T>& job, int64_t b, SampleWork<T>& w) {
   const int64_t N = job.N, C = job.C;
   const bool* mask = job.mask ? job.mask + b * N : nullptr;
-  w.xc.resize(N * C);
-  w.sq.resize(N);
-  w.D.resize(N * N);
-  center_sample(job.x + b * N * C, N, C, mask, w.xc.data(), w.sq.data(), w.csum, w.ccnt);
-  full_block_tiles(w.xc.data(), w.sq.data(), N, C, w.D.data(), 0, stair_tiles(N));
+  center_sample(job.x + b * N * C, N, C, mask, w.xc.data(), w.ld, w.sq.data(), w.cscratch.data());
+  full_block_tiles(w.xc.data(), w.ld, w.sq.data(), N, C, w.D.data(), 0, stair_tiles(N));
   const int64_t nreal = count_real(job, b);
-  w.rowmax.resize(N);
-  w.kbuf.resize(job.k > 0 ? KSmallest<T>::capacity_for(job.k) : 1);
-  full_density_rows(job, b, w.D.data(), nreal, 0, N, w.kbuf.data(), job.want_delta ? w.rowmax.data() : nullptr);
+  const T* pen = sample_pen(job, b, w.pen.data());
+  full_density_rows(job, b, w.D.data(), pen, nreal, 0, N, w.kbuf.data(), job.want_delta ? w.rowmax.data() : nullptr);
   if (!job.want_delta) return;
-  T largest = T(0);
-  for (int64_t i = 0; i < N; ++i) largest = w.rowmax[i] > largest ? w.rowmax[i] : largest;
+  const T largest = largest_of(w.rowmax.data(), N, C);
   sample_rank(job, b, w);
   full_delta_rows(job, b, w.D.data(), w.rank.data(), largest, 0, N);
   if (!job.want_select) return;
   sample_select(job, b, w);
-  if (job.assign) {
-    w.abest.resize(N);
-    full_assign_rows(job, b, w.D.data(), 0, N, w.abest.data());
-  }
+  if (job.assign) full_assign_rows(job, b, w.D.data(), 0, N, w);
 }
 
-// One sample with the work of each stage spread over the threads (B small, N large-ish).
+// One sample with each stage spread over the threads (few samples, N large-ish).
 template <typename T>
 inline void full_sample_parallel(const Job<T>& job, int64_t b, SampleWork<T>& w, std::vector<std::vector<T>>& kbufs,
                                  int nt) {
   const int64_t N = job.N, C = job.C;
   const bool* mask = job.mask ? job.mask + b * N : nullptr;
-  w.xc.resize(N * C);
-  w.sq.resize(N);
-  w.D.resize(N * N);
-  w.rowmax.assign(N, T(0));
-  w.abest.resize(N);
-  center_sample(job.x + b * N * C, N, C, mask, w.xc.data(), w.sq.data(), w.csum, w.ccnt);
+  center_sample(job.x + b * N * C, N, C, mask, w.xc.data(), w.ld, w.sq.data(), w.cscratch.data());
   const int64_t ntiles = stair_tiles(N);
   const int64_t nreal = count_real(job, b);
   const T* xc = w.xc.data();
+  const int64_t ld = w.ld;
   const T* sq = w.sq.data();
   T* D = w.D.data();
   T* rowmax = job.want_delta ? w.rowmax.data() : nullptr;
-  // Tiles have decreasing cost: hand them out one by one.
+  const T* pen = sample_pen(job, b, w.pen.data());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-  for (int64_t t = 0; t < ntiles; ++t) full_block_tiles(xc, sq, N, C, D, t, t + 1);
+  for (int64_t t = 0; t < ntiles; ++t) full_block_tiles(xc, ld, sq, N, C, D, t, t + 1);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t t = 0; t < ntiles; ++t) {
     const int64_t r0 = t * kStairTile, r1 = std::min(N, r0 + kStairTile);
-    full_density_rows(job, b, D, nreal, r0, r1, kbufs[thread_id()].data(), rowmax);
+    full_density_rows(job, b, D, pen, nreal, r0, r1, kbufs[thread_id()].data(), rowmax);
   }
   if (!job.want_delta) return;
-  T largest = T(0);
-  for (int64_t i = 0; i < N; ++i) largest = w.rowmax[i] > largest ? w.rowmax[i] : largest;
+  const T largest = largest_of(w.rowmax.data(), N, C);
   sample_rank(job, b, w);
   const IndexFor<T>* rank = w.rank.data();
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
@@ -672,11 +1167,10 @@ inline void full_sample_parallel(const Job<T>& job, int64_t b, SampleWork<T>& w,
   if (!job.want_select) return;
   sample_select(job, b, w);
   if (job.assign) {
-    T* best = w.abest.data();
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t t = 0; t < ntiles; ++t) {
       const int64_t r0 = t * kStairTile, r1 = std::min(N, r0 + kStairTile);
-      full_assign_rows(job, b, D, r0, r1, best);
+      full_assign_rows(job, b, D, r0, r1, w);
     }
   }
 }
@@ -686,7 +1180,7 @@ inline void full_sample_parallel(const Job<T>& job, int64_t b, SampleWork<T>& w,
 template <typename T>
 inline int64_t panel_tile_for(int64_t k) {
   int64_t tile = kPanelTile;
-  const int64_t cap = KSmallest<T>::capacity_for(std::max<int64_t>(k, 1));
+  const int64_t cap = KState<T>::capacity_for(std::max<int64_t>(k, 1));
   while (tile > 32 && tile * cap * static_cast<int64_t>(sizeof(T)) > (int64_t(64) << 20)) tile /= 2;
   return tile;
 }
@@ -694,154 +1188,155 @@ inline int64_t panel_tile_for(int64_t k) {
 template <typename T>
 inline void run_panels(const Job<T>& job, int nt) {
   const int64_t B = job.B, N = job.N, C = job.C;
+  const T scale = sqrt_c<T>(C);
   const int64_t tile = panel_tile_for<T>(job.k);
   const int64_t ntiles = (N + tile - 1) / tile;
   const int64_t items = B * ntiles;
-  const int64_t kcap = job.k > 0 ? KSmallest<T>::capacity_for(job.k) : 1;
+  const int64_t kcap = job.k > 0 ? KState<T>::capacity_for(job.k) : 1;
+  const int64_t f = job.want_select ? job.f : 0;
+  const int64_t ld = row_stride(C);
+  const int64_t sstride = (N + kPadRows) * ld;  // per-sample stride of the centred copies
 
-  // Centred copies and norms of every sample (O(B N C), like the input).
-  std::vector<T> xc(B * N * C), sq(B * N), rowmax(B * N, T(0)), largest(B, T(0));
+  // All allocations happen here, outside the parallel regions.
+  AlignedBuf<T> xcbuf;
+  xcbuf.assign_zero(B * sstride);
+  T* xc = xcbuf.data();
+  std::vector<T> sq(B * N), rowmax(B * N, T(0)), largest(B, T(0)), pen(job.mask ? B * N : 0);
   std::vector<int64_t> nreal(B);
-  std::vector<SampleWork<T>> sw(B > 0 ? 1 : 0);
   struct Scratch {
-    std::vector<T> block, tmp, kstore, best, gk, sqk;
-    std::vector<int64_t> arg;
-    std::vector<double> csum;
-    std::vector<int64_t> ccnt;
+    std::vector<T> block, tmp, kstore, cs, gk, be, hi;
+    std::vector<IndexFor<T>> bp;
+    std::vector<KState<T>> ks;
+    std::vector<MinState<T>> ms;
   };
   std::vector<Scratch> scr(nt);
   for (auto& s : scr) {
     s.block.resize(tile * tile);
     s.tmp.resize(tile * tile);
     s.kstore.resize(tile * kcap);
-    s.best.resize(tile);
-    s.arg.resize(tile);
+    s.cs.resize(2 * C);
+    s.ks.resize(tile);
+    s.ms.resize(tile);
+    if (job.assign) {
+      s.gk.resize(tile * f);
+      s.be.resize(tile);
+      s.hi.resize(tile);
+      s.bp.resize(tile);
+    }
   }
-  std::vector<std::vector<IndexFor<T>>> ranks(job.want_delta ? B : 0);
   std::vector<SampleWork<T>> per(B);
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t b = 0; b < B; ++b) {
-    Scratch& s = scr[thread_id()];
-    center_sample(job.x + b * N * C, N, C, job.mask ? job.mask + b * N : nullptr, xc.data() + b * N * C,
-                  sq.data() + b * N, s.csum, s.ccnt);
+    center_sample(job.x + b * N * C, N, C, job.mask ? job.mask + b * N : nullptr, xc + b * sstride, ld,
+                  sq.data() + b * N, scr[thread_id()].cs.data());
     nreal[b] = count_real(job, b);
+    if (job.mask) sample_pen(job, b, pen.data() + b * N);
   }
 
-  // Sweep 1: density (and the largest real distance per row).
+  // Sweep 1: density, and the largest real e of each row.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / ntiles, a = it % ntiles;
     Scratch& s = scr[thread_id()];
     const bool* mask = job.mask ? job.mask + b * N : nullptr;
-    const T* xb = xc.data() + b * N * C;
+    const T* xb = xc + b * sstride;
     const T* sqb = sq.data() + b * N;
     const int64_t r0 = a * tile, na = std::min(N, r0 + tile) - r0;
-    std::vector<KSmallest<T>> ks(job.k > 0 ? na : 0);
-    for (int64_t i = 0; i < static_cast<int64_t>(ks.size()); ++i) ks[i].init(job.k, s.kstore.data() + i * kcap);
+    if (job.k > 0)
+      for (int64_t i = 0; i < na; ++i) s.ks[i].init(job.k, s.kstore.data() + i * kcap);
     for (int64_t bt = 0; bt < ntiles; ++bt) {
       const int64_t c0 = bt * tile, nc = std::min(N, c0 + tile) - c0;
-      canonical_block(xb, sqb, N, C, tile, a, bt, s.block.data(), tile, s.tmp.data());
-      const bool* cm = mask ? mask + c0 : nullptr;
+      canonical_block(xb, ld, sqb, N, C, tile, a, bt, s.block.data(), tile, s.tmp.data());
+      const T* cp = mask ? pen.data() + b * N + c0 : nullptr;
       for (int64_t i = 0; i < na; ++i) {
-        const bool real = mask == nullptr || mask[r0 + i];
-        if (!real) continue;
+        if (mask && !mask[r0 + i]) continue;
         const T* v = s.block.data() + i * tile;
-        if (job.k > 0) ks[i].push(v, cm, nc);
-        if (job.want_delta) rowmax[b * N + r0 + i] = row_max_real(v, cm, nc, rowmax[b * N + r0 + i]);
+        if (job.k > 0) kstate_push(s.ks[i], v, cp, nc, a == bt ? i : -1);
+        if (job.want_delta) rowmax[b * N + r0 + i] = max_e_real(v, cp, nc, rowmax[b * N + r0 + i]);
       }
     }
-    if (job.k > 0) {
+    if (job.k > 0)
       for (int64_t i = 0; i < na; ++i) {
         const bool real = mask == nullptr || mask[r0 + i];
-        job.log_rho[b * N + r0 + i] = real ? ks[i].finish_log(mask != nullptr, nreal[b]) : -inf<T>();
+        job.log_rho[b * N + r0 + i] = real ? kstate_log_density(s.ks[i], scale, mask != nullptr, nreal[b]) : -inf<T>();
       }
-    }
   }
   if (!job.want_delta) return;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t b = 0; b < B; ++b) {
-    T m = T(0);
-    for (int64_t i = 0; i < N; ++i) m = rowmax[b * N + i] > m ? rowmax[b * N + i] : m;
-    largest[b] = m;
+    largest[b] = largest_of(rowmax.data() + b * N, N, C);
     sample_rank(job, b, per[b]);
   }
 
-  // Sweep 2: delta / parent.
+  // Sweep 2: delta / parent. A block is skipped when no row of the tile has a higher token in it.
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / ntiles, a = it % ntiles;
     Scratch& s = scr[thread_id()];
-    const T* xb = xc.data() + b * N * C;
+    const T* xb = xc + b * sstride;
     const T* sqb = sq.data() + b * N;
     const IndexFor<T>* rank = per[b].rank.data();
     const int64_t r0 = a * tile, na = std::min(N, r0 + tile) - r0;
+    IndexFor<T> max_rank_rows = 0;
     for (int64_t i = 0; i < na; ++i) {
-      s.best[i] = inf<T>();
-      s.arg[i] = -1;
+      s.ms[i] = MinState<T>();
+      max_rank_rows = std::max(max_rank_rows, rank[r0 + i]);
     }
     for (int64_t bt = 0; bt < ntiles; ++bt) {
       const int64_t c0 = bt * tile, nc = std::min(N, c0 + tile) - c0;
-      // Skip the block when no row of the tile has a higher token in it.
       IndexFor<T> min_rank_cols = std::numeric_limits<IndexFor<T>>::max();
       for (int64_t j = 0; j < nc; ++j) min_rank_cols = std::min(min_rank_cols, rank[c0 + j]);
-      bool needed = false;
-      for (int64_t i = 0; i < na && !needed; ++i) needed = rank[r0 + i] > min_rank_cols;
-      if (!needed) continue;
-      canonical_block(xb, sqb, N, C, tile, a, bt, s.block.data(), tile, s.tmp.data());
+      if (min_rank_cols >= max_rank_rows) continue;
+      canonical_block(xb, ld, sqb, N, C, tile, a, bt, s.block.data(), tile, s.tmp.data());
       for (int64_t i = 0; i < na; ++i) {
         const IndexFor<T> ri = rank[r0 + i];
-        if (ri > 0) delta_push(s.block.data() + i * tile, rank + c0, ri, c0, nc, s.best[i], s.arg[i]);
+        if (ri > 0) delta_push(s.ms[i], s.block.data() + i * tile, rank + c0, ri, c0, nc, scale);
       }
     }
-    for (int64_t i = 0; i < na; ++i) finish_delta(job, b, r0 + i, s.best[i], s.arg[i], largest[b]);
+    for (int64_t i = 0; i < na; ++i) finish_delta(job, b, r0 + i, s.ms[i], largest[b]);
   }
   if (!job.want_select) return;
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t b = 0; b < B; ++b) sample_select(job, b, per[b]);
-  if (!job.assign) return;
+  if (!job.assign || f <= 0) return;
 
-  // Assignment: distances of every token to the f kept ones (one GEMM per row tile against the
-  // gathered kept tokens; same Gram form, refinement and finish as the canonical values).
-  const int64_t f = job.f;
-  std::vector<T> kept(B * f * C), sqk(B * f);
+  // Assignment: e of every token to the f kept ones, one GEMM per row tile against the gathered
+  // kept tokens (same Gram form and exact recomputation as the canonical values; not the canonical
+  // blocks themselves, which would cost a third full sweep).
+  AlignedBuf<T> keptbuf;
+  keptbuf.assign_zero(B * f * ld);
+  T* kept = keptbuf.data();
+  std::vector<T> sqk(B * f);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < f; ++p) {
       const int64_t j = job.index[b * f + p];
-      std::memcpy(kept.data() + (b * f + p) * C, xc.data() + (b * N + j) * C, sizeof(T) * C);
+      std::memcpy(kept + (b * f + p) * ld, xc + b * sstride + j * ld, sizeof(T) * C);
       sqk[b * f + p] = sq[b * N + j];
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / ntiles, a = it % ntiles;
     Scratch& s = scr[thread_id()];
-    const T* xb = xc.data() + b * N * C;
-    const T* kb = kept.data() + b * f * C;
+    const T* xb = xc + b * sstride;
+    const T* kb = kept + b * f * ld;
     const int64_t r0 = a * tile, na = std::min(N, r0 + tile) - r0;
-    const DistFinish<T> fin(C);
-    s.gk.resize(na * f);
-    gemm_abt<T>(na, f, C, xb + r0 * C, C, kb, C, s.gk.data(), f);
-    for (int64_t i = 0; i < na; ++i) {
-      T* g = s.gk.data() + i * f;
-      gram_row_to_dist(g, f, sq[b * N + r0 + i], sqk.data() + b * f, xb + (r0 + i) * C, kb, C, fin);
-      int64_t arg = 0;
-      T best = g[0];
-      for (int64_t p = 1; p < f; ++p)
-        if (g[p] < best) {
-          best = g[p];
-          arg = p;
-        }
-      job.assign[b * N + r0 + i] = arg;
-    }
+    // gk[p][i]: kept p against row r0 + i (kept tokens as the GEMM's rows, so each p is a row).
+    gemm_abt<T>(f, na, C, kb, ld, xb + r0 * ld, ld, s.gk.data(), na);
+    for (int64_t p = 0; p < f; ++p)
+      gram_to_e(s.gk.data() + p * na, na, sqk[b * f + p], sq.data() + b * N + r0, kb + p * ld, xb + r0 * ld, ld, C);
+    int64_t* asg = job.assign + b * N + r0;
+    const T* gk = s.gk.data();
+    assign_rows([&](int64_t p) { return gk + p * na; }, f, 0, na, scale, s.be.data(), s.bp.data(), s.hi.data(), asg);
   }
   for (int64_t b = 0; b < B; ++b)
     for (int64_t p = 0; p < f; ++p) job.assign[b * N + job.index[b * f + p]] = p;
 }
 
-// Runs a job: full blocks (per sample, or inside a sample when there are fewer samples than
-// threads) for N <= kFullMaxN, panels above.
+// Runs a job: full blocks for N <= kFullMaxN (one sample per thread, or each sample split over the
+// threads when there are fewer samples than threads), panels above.
 template <typename T>
 inline void run(const Job<T>& job) {
   if (job.B == 0 || job.N == 0) return;
@@ -852,12 +1347,14 @@ inline void run(const Job<T>& job) {
   }
   if (job.B < nt && job.N >= kIntraMinN) {
     SampleWork<T> w;
-    std::vector<std::vector<T>> kbufs(nt, std::vector<T>(job.k > 0 ? KSmallest<T>::capacity_for(job.k) : 1));
+    size_work(job, w);
+    std::vector<std::vector<T>> kbufs(nt, std::vector<T>(job.k > 0 ? KState<T>::capacity_for(job.k) : 1));
     for (int64_t b = 0; b < job.B; ++b) full_sample_parallel(job, b, w, kbufs, nt);
     return;
   }
   const int used = static_cast<int>(std::min<int64_t>(nt, job.B));
   std::vector<SampleWork<T>> ws(used);
+  for (auto& w : ws) size_work(job, w);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(used)
   for (int64_t b = 0; b < job.B; ++b) full_sample(job, b, ws[thread_id()]);
 }
@@ -877,6 +1374,7 @@ inline at::ScalarType compute_dtype(at::ScalarType st) {
 
 inline void check_x(const at::Tensor& x, const char* fn) {
   TORCH_CHECK(x.dim() == 3, fn, ": x must be (B, N, C), got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu(), fn, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), fn, ": x must be a floating tensor, got ", x.scalar_type());
   TORCH_CHECK(x.size(2) >= 1 || x.size(0) * x.size(1) == 0, fn, ": x must have at least one channel, got ",
               x.sizes());
