@@ -12,9 +12,11 @@ random noise). Densities are ordered by log-density (-mean d^2) so that the orde
 meaningful where exp() underflows. Selections rank by score, ties to the lower index; a NaN
 score ranks below every number, a masked token below every real one, an excluded token never.
 
-Dtypes: float16/bfloat16 inputs are computed in float32; density, delta and score outputs are
-then float32 (rounding them to 8 mantissa bits would invent ties). float32/float64 are computed
-in their own precision.
+Dtypes: for the selection ops, float16/bfloat16 inputs are computed in float32; density, delta
+and score outputs are then float32 (rounding them to 8 mantissa bits would invent ties).
+float32/float64 are computed in their own precision. token_recovering_attention runs in the
+input's dtype, as the published module does (tests judge low-precision backends against it run
+on float64 copies of the same inputs).
 """
 from __future__ import annotations
 

@@ -16,7 +16,9 @@
 //  * The S sequences are processed in chunks of n so that the chunk's probabilities (H*n*L*M)
 //    and its other temporaries stay within kChunkBytes (cache-friendly and bounded memory);
 //    the S x H x L x M tensor never exists. The forward keeps only the row log-sum-exp
-//    lse (S, H, L); the backward recomputes K, V, the probabilities P = exp(logits - lse) and o.
+//    lse (S, H, L) (its softmax normalises o rows, not the probabilities); the backward
+//    recomputes K, V, the probabilities P = exp(logits - lse) and o, and forms
+//    dS = P * (dP - rowsum(dO * o)) in place of P in one fused pass.
 //  * Weight/bias gradients are accumulated over chunks in a fixed order (deterministic: no
 //    atomics, the same chunking for the same shapes).
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
