@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, i
                                                bool return_assignment) {
   tpc::check_x(x, "dpc_knn");
   const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
-  TORCH_CHECK(N == 0 || (k >= 1 && k <= N), "dpc_knn: k must be in [1, N] = [1, ", N, "], got ", k);
+  TORCH_CHECK(k >= 1, "dpc_knn: k must be >= 1, got ", k);
+  k = std::min<int64_t>(k, std::max<int64_t>(N, 1));  // fewer than k tokens: the mean runs over all (the reference)
   const bool has_center = center.has_value();
   if (has_center) {
     TORCH_CHECK(*center >= 0 && *center < N, "dpc_knn: center must be in [0, N) = [0, ", N, "), got ", *center);

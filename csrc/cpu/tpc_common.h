@@ -27,8 +27,12 @@
 //  * panels (N > kFullMaxN): no N x N buffer. Tokens are cut into tiles; the value of a pair comes
 //    from the canonical BLAS block (min tile, max tile) = X_a X_b^T (its upper triangle when
 //    a == b). A row tile streams over all column tiles (recomputing the canonical block, transposed
-//    when needed) into per-row states (k smallest, running minimum), so memory is O(tile^2 +
-//    tile * k + N * C) and any k in [1, N] works.
+//    when needed) into per-row states (k smallest, running minimum): one sweep for the density, one
+//    for delta, so memory is O(tile^2 + tile * k + N * C) and any k in [1, N] works. The
+//    assignment there comes from one more GEMM of each row tile against the kept tokens (same Gram
+//    form and refinement, not the canonical blocks: equal to them up to rounding).
+//
+// Set HOT_KERNELS_CPU_NO_AVX512 (any value) in the environment to force the BLAS path (read once).
 #pragma once
 
 #include "../hot_kernels.h"
@@ -78,6 +82,7 @@ constexpr int64_t kStairTile = 64;   // row tile of the full block (a multiple o
 constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrinks for huge k)
 constexpr int64_t kIntraMinN = 384;  // fewer samples than threads and N >= this: split inside a sample
 constexpr int64_t kPadRows = 4;      // zero rows after the last token of a centred copy
+constexpr int64_t kGramColBlock = 256;  // column chunk of the AVX-512 Gram kernel (a multiple of 4)
 // Pairs with d2 < (|x_i|^2 + |x_j|^2) / kRefineDiv are recomputed by direct differences.
 constexpr double kRefineDiv = 32.0;
 
@@ -360,78 +365,97 @@ __attribute__((target("avx512f"))) inline __m512 hsum16(const __m512* v) {
   return _mm512_add_ps(_mm512_maskz_shuffle_ps(kAll, y[0], y[1], 0x88), _mm512_maskz_shuffle_ps(kAll, y[0], y[1], 0xDD));
 }
 
+// The epilogue of one 4 x 4 block (kept out of line, so that the kernel's k-loop has all 32
+// registers for its accumulators and operands): g (lane 4 s + r = x_{i0+r} . x_{j+s}) -> e, the
+// exact recomputation of badly cancelling pairs, and the stores of D(i, j) and D(j, i) for the
+// pairs with i < j < N.
+__attribute__((target("avx512f"), noinline)) inline void block_epilogue(__m512 g, const float* xc, int64_t ld,
+                                                                       int64_t C, const float* sq, int64_t N,
+                                                                       float* D, int64_t i0, int64_t j) {
+  const __m512i idx_r = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);  // lane p: p % 4
+  const __m512i idx_s = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane p: p / 4
+  const __m512 sqi = _mm512_maskz_permutexvar_ps(kAll, idx_r, _mm512_zextps128_ps512(_mm_loadu_ps(sq + i0)));
+  const __m512 sqj = _mm512_maskz_permutexvar_ps(kAll, idx_s, _mm512_zextps128_ps512(_mm_loadu_ps(sq + j)));
+  const __m512 s = _mm512_add_ps(sqi, sqj);
+  const __m512 d2 = _mm512_sub_ps(s, _mm512_add_ps(g, g));
+  __m512 e = _mm512_maskz_max_ps(kAll, d2, _mm512_setzero_ps());  // NaN -> 0 (the second operand)
+  const __m512i ii = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i0)), idx_r);
+  const __m512i jj = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), idx_s);
+  const __mmask16 valid =
+      _mm512_cmpgt_epi32_mask(jj, ii) & _mm512_cmplt_epi32_mask(jj, _mm512_set1_epi32(static_cast<int>(N)));
+  const __mmask16 refine =
+      _mm512_cmp_ps_mask(_mm512_mul_ps(d2, _mm512_set1_ps(static_cast<float>(kRefineDiv))), s, _CMP_LT_OQ) & valid;
+  alignas(64) float te[16];
+  if (refine) {
+    _mm512_store_ps(te, e);
+    for (int p = 0; p < 16; ++p) {
+      if (!((refine >> p) & 1)) continue;
+      const int64_t i = i0 + (p & 3), jx = j + (p >> 2);
+      const float v = sq_dist(xc + i * ld, xc + jx * ld, C);
+      te[p] = v > 0.f ? v : 0.f;
+    }
+    e = _mm512_load_ps(te);
+  }
+  if (valid == 0xFFFF) {
+    _mm_storeu_ps(D + (j + 0) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 0));
+    _mm_storeu_ps(D + (j + 1) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 1));
+    _mm_storeu_ps(D + (j + 2) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 2));
+    _mm_storeu_ps(D + (j + 3) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 3));
+    // transpose: lane 4 r + s <- lane 4 s + r
+    const __m512i idx_t = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    const __m512 et = _mm512_maskz_permutexvar_ps(kAll, idx_t, e);
+    _mm_storeu_ps(D + (i0 + 0) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 0));
+    _mm_storeu_ps(D + (i0 + 1) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 1));
+    _mm_storeu_ps(D + (i0 + 2) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 2));
+    _mm_storeu_ps(D + (i0 + 3) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 3));
+  } else if (valid) {
+    _mm512_store_ps(te, e);
+    for (int p = 0; p < 16; ++p) {
+      if (!((valid >> p) & 1)) continue;
+      const int64_t i = i0 + (p & 3), jx = j + (p >> 2);
+      D[i * N + jx] = te[p];
+      D[jx * N + i] = te[p];
+    }
+  }
+}
+
 // The e values of rows [r0, r1) (r0 a multiple of 4) of the full block: D(i, j) for j > i and its
 // mirror D(j, i), D(i, i) = 0. xc: 64-byte aligned rows at stride ld (a multiple of 16), zero
 // beyond column C up to ck = C rounded up to 16, and kPadRows zero rows after row N - 1; sq has
 // kPadRows zeros after entry N - 1. Each 4 x 4 block of pairs accumulates 16 dot products over the
-// channels in 16 lanes, reduced by a fixed shuffle tree; lane 4 s + r holds pair (i0 + r, j + s).
+// channels in 16 lanes, reduced by a fixed shuffle tree (the same association for every pair);
+// lane 4 s + r holds pair (i0 + r, j + s). Columns are taken in chunks of kGramColBlock tokens so
+// that the chunk's rows and the tile's rows stay in L2. pf / pf_bytes: memory prefetched into L2
+// along the way (the caller's next input; this kernel is compute-bound, the next first pass over
+// an input is memory-bound).
 __attribute__((target("avx512f"))) inline void upper_e_rows(const float* xc, int64_t ld, int64_t ck, int64_t C,
                                                             const float* sq, int64_t N, float* D, int64_t r0,
-                                                            int64_t r1) {
-  const __m512i idx_r = _mm512_set_epi32(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);  // lane p: p % 4
-  const __m512i idx_s = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);  // lane p: p / 4
-  // transpose: lane 4 r + s <- lane 4 s + r
-  const __m512i idx_t = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
-  const __m512 zero = _mm512_setzero_ps();
-  const __m512 div = _mm512_set1_ps(static_cast<float>(kRefineDiv));
-  const __m512i nvec = _mm512_set1_epi32(static_cast<int>(N));
-  alignas(64) float te[16];
-  for (int64_t i0 = r0; i0 < r1; i0 += 4) {
-    for (int64_t i = i0; i < std::min(i0 + 4, N); ++i) D[i * N + i] = 0.f;
-    const __m512 sqi = _mm512_maskz_permutexvar_ps(kAll, idx_r, _mm512_zextps128_ps512(_mm_loadu_ps(sq + i0)));
-    const __m512i ii = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i0)), idx_r);
-    const float* A = xc + i0 * ld;
-    for (int64_t j = i0; j < N; j += 4) {
-      const float* Bp = xc + j * ld;
-      __m512 acc[16];
-      for (int m = 0; m < 16; ++m) acc[m] = zero;
-      for (int64_t k = 0; k < ck; k += 16) {
-        const __m512 b0 = _mm512_load_ps(Bp + k), b1 = _mm512_load_ps(Bp + ld + k);
-        const __m512 b2 = _mm512_load_ps(Bp + 2 * ld + k), b3 = _mm512_load_ps(Bp + 3 * ld + k);
-        for (int r = 0; r < 4; ++r) {
-          const __m512 a = _mm512_load_ps(A + r * ld + k);
-          acc[4 * r + 0] = _mm512_fmadd_ps(a, b0, acc[4 * r + 0]);
-          acc[4 * r + 1] = _mm512_fmadd_ps(a, b1, acc[4 * r + 1]);
-          acc[4 * r + 2] = _mm512_fmadd_ps(a, b2, acc[4 * r + 2]);
-          acc[4 * r + 3] = _mm512_fmadd_ps(a, b3, acc[4 * r + 3]);
+                                                            int64_t r1, const char* pf, int64_t pf_bytes) {
+  for (int64_t i = r0; i < r1; ++i) D[i * N + i] = 0.f;
+  const int64_t n_blocks = std::max<int64_t>(1, ((r1 - r0) / 4 + 1) * ((N - r0) / 4 + 1) / 2);
+  const int64_t pf_step = pf ? (pf_bytes / 64) / n_blocks + 1 : 0;
+  int64_t pf_at = 0;
+  for (int64_t jb0 = r0; jb0 < N; jb0 += kGramColBlock) {
+    const int64_t jb1 = std::min(N, jb0 + kGramColBlock);
+    for (int64_t i0 = r0; i0 < r1 && i0 < jb1; i0 += 4) {
+      const float* A = xc + i0 * ld;
+      for (int64_t j = std::max(jb0, i0); j < jb1; j += 4) {
+        for (int64_t q = 0; q < pf_step && pf_at < pf_bytes; ++q, pf_at += 64) _mm_prefetch(pf + pf_at, _MM_HINT_T1);
+        const float* Bp = xc + j * ld;
+        __m512 acc[16];
+        for (int m = 0; m < 16; ++m) acc[m] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < ck; k += 16) {
+          const __m512 b0 = _mm512_load_ps(Bp + k), b1 = _mm512_load_ps(Bp + ld + k);
+          const __m512 b2 = _mm512_load_ps(Bp + 2 * ld + k), b3 = _mm512_load_ps(Bp + 3 * ld + k);
+          for (int r = 0; r < 4; ++r) {
+            const __m512 a = _mm512_load_ps(A + r * ld + k);
+            acc[4 * r + 0] = _mm512_fmadd_ps(a, b0, acc[4 * r + 0]);
+            acc[4 * r + 1] = _mm512_fmadd_ps(a, b1, acc[4 * r + 1]);
+            acc[4 * r + 2] = _mm512_fmadd_ps(a, b2, acc[4 * r + 2]);
+            acc[4 * r + 3] = _mm512_fmadd_ps(a, b3, acc[4 * r + 3]);
+          }
         }
-      }
-      const __m512 g = hsum16(acc);
-      const __m512 sqj = _mm512_maskz_permutexvar_ps(kAll, idx_s, _mm512_zextps128_ps512(_mm_loadu_ps(sq + j)));
-      const __m512 s = _mm512_add_ps(sqi, sqj);
-      const __m512 d2 = _mm512_sub_ps(s, _mm512_add_ps(g, g));
-      __m512 e = _mm512_maskz_max_ps(kAll, d2, zero);  // NaN -> 0 (the second operand)
-      const __m512i jj = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(j)), idx_s);
-      const __mmask16 valid = _mm512_cmpgt_epi32_mask(jj, ii) & _mm512_cmplt_epi32_mask(jj, nvec);
-      const __mmask16 refine = _mm512_cmp_ps_mask(_mm512_mul_ps(d2, div), s, _CMP_LT_OQ) & valid;
-      if (refine) {
-        _mm512_store_ps(te, e);
-        for (int p = 0; p < 16; ++p) {
-          if (!((refine >> p) & 1)) continue;
-          const int64_t i = i0 + (p & 3), jx = j + (p >> 2);
-          const float v = sq_dist(xc + i * ld, xc + jx * ld, C);
-          te[p] = v > 0.f ? v : 0.f;
-        }
-        e = _mm512_load_ps(te);
-      }
-      if (valid == 0xFFFF) {
-        _mm_storeu_ps(D + (j + 0) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 0));
-        _mm_storeu_ps(D + (j + 1) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 1));
-        _mm_storeu_ps(D + (j + 2) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 2));
-        _mm_storeu_ps(D + (j + 3) * N + i0, _mm512_maskz_extractf32x4_ps(0xF, e, 3));
-        const __m512 et = _mm512_maskz_permutexvar_ps(kAll, idx_t, e);
-        _mm_storeu_ps(D + (i0 + 0) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 0));
-        _mm_storeu_ps(D + (i0 + 1) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 1));
-        _mm_storeu_ps(D + (i0 + 2) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 2));
-        _mm_storeu_ps(D + (i0 + 3) * N + j, _mm512_maskz_extractf32x4_ps(0xF, et, 3));
-      } else if (valid) {
-        _mm512_store_ps(te, e);
-        for (int p = 0; p < 16; ++p) {
-          if (!((valid >> p) & 1)) continue;
-          const int64_t i = i0 + (p & 3), jx = j + (p >> 2);
-          D[i * N + jx] = te[p];
-          D[jx * N + i] = te[p];
-        }
+        block_epilogue(hsum16(acc), xc, ld, C, sq, N, D, i0, j);
       }
     }
   }
@@ -443,17 +467,21 @@ __attribute__((target("avx512f"))) inline void upper_e_rows(const float* xc, int
 // Row tiles [t0, t1) (kStairTile rows each) of the full N x N e block of one sample. Different
 // tiles touch disjoint entries (a row's mirror writes land left of every later tile's columns), so
 // tiles may run in parallel. xc: see avx512::upper_e_rows (the BLAS path needs only the stride).
+// prefetch / prefetch_bytes: memory the caller reads next (may be null), pulled into L2 meanwhile.
 template <typename T>
 inline void full_block_tiles(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, T* D, int64_t t0,
-                             int64_t t1) {
+                             int64_t t1, const void* prefetch = nullptr, int64_t prefetch_bytes = 0) {
 #ifdef HK_AVX512_GRAM
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512_gram()) {
-      avx512::upper_e_rows(xc, ld, (C + 15) / 16 * 16, C, sq, N, D, t0 * kStairTile, std::min(N, t1 * kStairTile));
+      avx512::upper_e_rows(xc, ld, (C + 15) / 16 * 16, C, sq, N, D, t0 * kStairTile, std::min(N, t1 * kStairTile),
+                           static_cast<const char*>(prefetch), prefetch ? prefetch_bytes : 0);
       return;
     }
   }
 #endif
+  (void)prefetch;
+  (void)prefetch_bytes;
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t r0 = t * kStairTile, r1 = std::min(N, r0 + kStairTile);
     gemm_abt<T>(r1 - r0, N - r0, C, xc + r0 * ld, ld, xc + r0 * ld, ld, D + r0 * N + r0, N);
@@ -1114,13 +1142,16 @@ inline void size_work(const Job<T>& job, SampleWork<T>& w) {
   }
 }
 
-// One whole sample on the calling thread (full block).
+// One whole sample on the calling thread (full block). next: the sample this thread does next
+// (its input is prefetched during the Gram kernel), or -1.
 template <typename T>
-inline void full_sample(const Job<T>& job, int64_t b, SampleWork<T>& w) {
+inline void full_sample(const Job<T>& job, int64_t b, SampleWork<T>& w, int64_t next = -1) {
   const int64_t N = job.N, C = job.C;
   const bool* mask = job.mask ? job.mask + b * N : nullptr;
   center_sample(job.x + b * N * C, N, C, mask, w.xc.data(), w.ld, w.sq.data(), w.cscratch.data());
-  full_block_tiles(w.xc.data(), w.ld, w.sq.data(), N, C, w.D.data(), 0, stair_tiles(N));
+  full_block_tiles(w.xc.data(), w.ld, w.sq.data(), N, C, w.D.data(), 0, stair_tiles(N),
+                   next >= 0 ? static_cast<const void*>(job.x + next * N * C) : nullptr,
+                   static_cast<int64_t>(sizeof(T)) * N * C);
   const int64_t nreal = count_real(job, b);
   const T* pen = sample_pen(job, b, w.pen.data());
   full_density_rows(job, b, w.D.data(), pen, nreal, 0, N, w.kbuf.data(), job.want_delta ? w.rowmax.data() : nullptr);
@@ -1355,8 +1386,9 @@ inline void run(const Job<T>& job) {
   const int used = static_cast<int>(std::min<int64_t>(nt, job.B));
   std::vector<SampleWork<T>> ws(used);
   for (auto& w : ws) size_work(job, w);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(used)
-  for (int64_t b = 0; b < job.B; ++b) full_sample(job, b, ws[thread_id()]);
+  // Round-robin (the samples cost the same), so that each thread knows its next sample.
+#pragma omp parallel for schedule(static, 1) num_threads(used)
+  for (int64_t b = 0; b < job.B; ++b) full_sample(job, b, ws[thread_id()], b + used < job.B ? b + used : -1);
 }
 
 // ---- tensor plumbing shared by the entry points ---------------------------------------------------
