@@ -55,6 +55,17 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
     """Device name, versions, commit and date: stored with every benchmark record."""
     device = torch.device(device)
@@ -67,7 +78,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
     from .version import __version__
 
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "device_type": device.type,
         "cpu_threads": torch.get_num_threads(),
         "hot_kernels": __version__,
