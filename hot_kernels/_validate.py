@@ -18,7 +18,7 @@ class HotKernelsInputError(ValueError):
     """Bad input to a hot_kernels op; the message names the argument."""
 
 
-def _fail(op: str, msg: str):
+def fail(op: str, msg: str):
     raise HotKernelsInputError(f"hot_kernels.{op}: {msg}")
 
 
@@ -33,38 +33,38 @@ def _shape(t: torch.Tensor) -> str:
 def tensor(op: str, name: str, t, dims: str, *, ndim: int, float_=True) -> torch.Tensor:
     """A tensor of rank ``ndim`` (its axes named by ``dims``, e.g. "(B, N, C)") and float dtype."""
     if not isinstance(t, torch.Tensor):
-        _fail(op, f"{name} must be a torch.Tensor of shape {dims}, got {type(t).__name__}")
+        fail(op, f"{name} must be a torch.Tensor of shape {dims}, got {type(t).__name__}")
     if t.dim() != ndim:
-        _fail(op, f"{name} must be {ndim}-D {dims}, got shape {_shape(t)}")
+        fail(op, f"{name} must be {ndim}-D {dims}, got shape {_shape(t)}")
     if float_ and t.dtype not in FLOAT_DTYPES:
-        _fail(op, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+        fail(op, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if float_ and debug_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
-        _fail(op, f"{name} has NaN or Inf values (HOT_KERNELS_DEBUG=1 checks this)")
+        fail(op, f"{name} has NaN or Inf values (HOT_KERNELS_DEBUG=1 checks this)")
     return t
 
 
 def same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
         if t is not None and t.device != ref.device:
-            _fail(op, f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must be on one device")
+            fail(op, f"{name} is on {t.device} but {ref_name} is on {ref.device}; all inputs must be on one device")
 
 
 def integer(op: str, name: str, v, lo: int, hi: int, what: str = "") -> int:
     """A Python/NumPy integer (not a bool or float) in [lo, hi]."""
     if isinstance(v, bool) or isinstance(v, torch.Tensor):
-        _fail(op, f"{name} must be a Python int, got {type(v).__name__}")
+        fail(op, f"{name} must be a Python int, got {type(v).__name__}")
     try:
         v = operator.index(v)
     except TypeError:
-        _fail(op, f"{name} must be an int, got {type(v).__name__} {v!r}")
+        fail(op, f"{name} must be an int, got {type(v).__name__} {v!r}")
     if not lo <= v <= hi:
-        _fail(op, f"{name} must be in [{lo}, {hi}]{what}, got {v}")
+        fail(op, f"{name} must be in [{lo}, {hi}]{what}, got {v}")
     return v
 
 
 def boolean(op: str, name: str, v) -> bool:
     if not isinstance(v, bool):
-        _fail(op, f"{name} must be True or False, got {type(v).__name__} {v!r}")
+        fail(op, f"{name} must be True or False, got {type(v).__name__} {v!r}")
     return v
 
 
@@ -72,9 +72,9 @@ def points(op: str, x, name: str = "x") -> torch.Tensor:
     """x (B, N, C) float with N >= 1 and C >= 1 (B may be 0)."""
     x = tensor(op, name, x, "(B, N, C)", ndim=3)
     if x.shape[1] == 0:
-        _fail(op, f"{name} must have at least one token (N >= 1), got shape {_shape(x)}")
+        fail(op, f"{name} must have at least one token (N >= 1), got shape {_shape(x)}")
     if x.shape[2] == 0:
-        _fail(op, f"{name} must have at least one channel (C >= 1), got shape {_shape(x)}")
+        fail(op, f"{name} must have at least one channel (C >= 1), got shape {_shape(x)}")
     return x
 
 
@@ -83,12 +83,12 @@ def token_mask(op: str, mask, x: torch.Tensor) -> torch.Tensor | None:
         return None
     B, N = x.shape[0], x.shape[1]
     if not isinstance(mask, torch.Tensor):
-        _fail(op, f"token_mask must be a bool tensor of shape (B, N) = ({B}, {N}), got {type(mask).__name__}")
+        fail(op, f"token_mask must be a bool tensor of shape (B, N) = ({B}, {N}), got {type(mask).__name__}")
     if mask.dtype != torch.bool:
-        _fail(op, f"token_mask must be a bool tensor (True = real token), got {mask.dtype}; "
+        fail(op, f"token_mask must be a bool tensor (True = real token), got {mask.dtype}; "
                   "use token_mask > 0 to convert a 0/1 mask")
     if tuple(mask.shape) != (B, N):
-        _fail(op, f"token_mask must have shape (B, N) = ({B}, {N}), got {_shape(mask)}")
+        fail(op, f"token_mask must have shape (B, N) = ({B}, {N}), got {_shape(mask)}")
     same_device(op, "x", x, token_mask=mask)
     return mask
 
@@ -106,12 +106,12 @@ def exclude(op: str, ex, score: torch.Tensor) -> torch.Tensor | None:
     B, N = score.shape
     if isinstance(ex, torch.Tensor):
         if ex.dtype.is_floating_point or ex.dtype == torch.bool or ex.dtype.is_complex:
-            _fail(op, f"exclude must be an int or an integer tensor of shape (B,) = ({B},), got {ex.dtype}")
+            fail(op, f"exclude must be an int or an integer tensor of shape (B,) = ({B},), got {ex.dtype}")
         if tuple(ex.shape) != (B,):
-            _fail(op, f"exclude must have shape (B,) = ({B},), got {_shape(ex)}")
+            fail(op, f"exclude must have shape (B,) = ({B},), got {_shape(ex)}")
         same_device(op, "score", score, exclude=ex)
         if ex.device.type == "cpu" and ex.numel() and not bool(((ex >= 0) & (ex < N)).all()):
-            _fail(op, f"exclude values must be in [0, {N - 1}], got {ex.tolist()}")
+            fail(op, f"exclude values must be in [0, {N - 1}], got {ex.tolist()}")
         return ex.to(torch.long)
     v = integer(op, "exclude", ex, 0, N - 1, " (a token index)")
     return torch.full((B,), v, dtype=torch.long, device=score.device)
@@ -123,38 +123,38 @@ def tra_inputs(op, query, x, weights: dict, num_heads, scale):
     query = tensor(op, "query", query, "(1 or S, L, C)", ndim=3)
     S, M, C = x.shape
     if S == 0:
-        _fail(op, f"x has no sequences (S = 0), shape {_shape(x)}; expected S >= 1")
+        fail(op, f"x has no sequences (S = 0), shape {_shape(x)}; expected S >= 1")
     if M == 0:
-        _fail(op, f"x must have at least one token (M >= 1), got shape {_shape(x)}")
+        fail(op, f"x must have at least one token (M >= 1), got shape {_shape(x)}")
     if query.shape[2] != C:
-        _fail(op, f"query width {query.shape[2]} does not match x width C = {C} (query {_shape(query)}, x {_shape(x)})")
+        fail(op, f"query width {query.shape[2]} does not match x width C = {C} (query {_shape(query)}, x {_shape(x)})")
     if query.shape[0] not in (1, S):
-        _fail(op, f"query must be (1, L, C) (shared) or (S, L, C) with S = {S}, got {_shape(query)}")
+        fail(op, f"query must be (1, L, C) (shared) or (S, L, C) with S = {S}, got {_shape(query)}")
     if query.shape[1] == 0:
-        _fail(op, f"query must have at least one token (L >= 1), got {_shape(query)}")
+        fail(op, f"query must have at least one token (L >= 1), got {_shape(query)}")
     if query.dtype != x.dtype:
-        _fail(op, f"query is {query.dtype} but x is {x.dtype}; all inputs must have one dtype")
+        fail(op, f"query is {query.dtype} but x is {x.dtype}; all inputs must have one dtype")
     same_device(op, "x", x, query=query)
     num_heads = integer(op, "num_heads", num_heads, 1, C)
     if C % num_heads:
-        _fail(op, f"num_heads = {num_heads} must divide the width C = {C}")
+        fail(op, f"num_heads = {num_heads} must divide the width C = {C}")
     for name, w in weights.items():
         is_bias = name.startswith("b")
         if w is None:
             if not is_bias:
-                _fail(op, f"{name} must be a ({C}, {C}) weight tensor, got None")
+                fail(op, f"{name} must be a ({C}, {C}) weight tensor, got None")
             continue
         want = (C,) if is_bias else (C, C)
         if not isinstance(w, torch.Tensor):
-            _fail(op, f"{name} must be a tensor of shape {want}, got {type(w).__name__}")
+            fail(op, f"{name} must be a tensor of shape {want}, got {type(w).__name__}")
         if tuple(w.shape) != want:
-            _fail(op, f"{name} must have shape {want} for C = {C}, got {_shape(w)}")
+            fail(op, f"{name} must have shape {want} for C = {C}, got {_shape(w)}")
         if w.dtype != x.dtype:
-            _fail(op, f"{name} is {w.dtype} but x is {x.dtype}; all inputs must have one dtype")
+            fail(op, f"{name} is {w.dtype} but x is {x.dtype}; all inputs must have one dtype")
         same_device(op, "x", x, **{name: w})
     if scale is not None:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            _fail(op, f"scale must be a float or None, got {type(scale).__name__}")
+            fail(op, f"scale must be a float or None, got {type(scale).__name__}")
         scale = float(scale)
     else:
         scale = (C // num_heads) ** -0.5

@@ -36,9 +36,9 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, backend
     if y is not None:
         V.points(op, y, "y")
         if y.shape[0] != x.shape[0] or y.shape[2] != x.shape[2]:
-            V._fail(op, f"y must be (B, M, C) with B = {x.shape[0]} and C = {x.shape[2]} like x, got {tuple(y.shape)}")
+            V.fail(op, f"y must be (B, M, C) with B = {x.shape[0]} and C = {x.shape[2]} like x, got {tuple(y.shape)}")
         if y.dtype != x.dtype:
-            V._fail(op, f"y is {y.dtype} but x is {x.dtype}; both must have one dtype")
+            V.fail(op, f"y is {y.dtype} but x is {x.dtype}; both must have one dtype")
         V.same_device(op, "x", x, y=y)
     name = _dispatch.resolve(op, x, backend)
     if name == "reference":
@@ -76,7 +76,7 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     V.points(op, x)
     V.tensor(op, "density", density, "(B, N)", ndim=2)
     if tuple(density.shape) != tuple(x.shape[:2]):
-        V._fail(op, f"density must have shape (B, N) = {tuple(x.shape[:2])}, got {tuple(density.shape)}")
+        V.fail(op, f"density must have shape (B, N) = {tuple(x.shape[:2])}, got {tuple(density.shape)}")
     V.same_device(op, "x", x, density=density)
     token_mask = V.token_mask(op, token_mask, x)
     name = _dispatch.resolve(op, x, backend)
@@ -95,7 +95,7 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool = True, exclude=None, 
     V.tensor(op, "score", score, "(B, N)", ndim=2)
     N = score.shape[1]
     if N == 0:
-        V._fail(op, f"score must have at least one token (N >= 1), got shape {tuple(score.shape)}")
+        V.fail(op, f"score must have at least one token (N >= 1), got shape {tuple(score.shape)}")
     V.boolean(op, "sorted", sorted)
     ex = V.exclude(op, exclude, score)
     f = V.integer(op, "f", f, 1, N - (ex is not None),
@@ -152,16 +152,16 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
     V.tensor(op, "x", x, "(B, F, J, C)", ndim=4)
     B, Fr, J, C = x.shape
     if Fr == 0 or J == 0 or C == 0:
-        V._fail(op, f"x must have F, J, C >= 1, got shape {tuple(x.shape)}")
+        V.fail(op, f"x must have F, J, C >= 1, got shape {tuple(x.shape)}")
     if pos_embed is not None:
         V.tensor(op, "pos_embed", pos_embed, "(1, f, C)", ndim=3)
         V.same_device(op, "x", x, pos_embed=pos_embed)
         if pos_embed.shape[0] not in (1, B) or pos_embed.shape[2] != C:
-            V._fail(op, f"pos_embed must be (1, f, C) or (B, f, C) with C = {C}, got {tuple(pos_embed.shape)}")
+            V.fail(op, f"pos_embed must be (1, f, C) or (B, f, C) with C = {C}, got {tuple(pos_embed.shape)}")
     pooled = x.detach().mean(dim=2)
     index = dpc_knn(pooled, f, k, center=center, backend=backend)
     if pos_embed is not None and pos_embed.shape[1] != index.shape[1]:
-        V._fail(op, f"pos_embed must have f = {index.shape[1]} tokens, got {tuple(pos_embed.shape)}")
+        V.fail(op, f"pos_embed must have f = {index.shape[1]} tokens, got {tuple(pos_embed.shape)}")
     x_kept = x.gather(1, index[:, :, None, None].expand(B, index.shape[1], J, C))
     if pos_embed is not None:
         x_kept = x_kept + pos_embed[:, :, None, :]
