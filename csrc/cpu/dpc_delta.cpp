@@ -10,7 +10,7 @@ namespace hot_kernels {
 std::tuple<at::Tensor, at::Tensor> dpc_delta_cpu(const at::Tensor& x, const at::Tensor& density,
                                                  const std::optional<at::Tensor>& token_mask) {
   tpc::check_x(x, "dpc_delta");
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t B = x.size(0), N = x.size(1);
   TORCH_CHECK(density.dim() == 2 && density.size(0) == B && density.size(1) == N,
               "dpc_delta: density must be (B, N) = (", B, ", ", N, "), got ", density.sizes());
   TORCH_CHECK(density.device().is_cpu(), "dpc_delta: density must be on the CPU like x, got ", density.device());
@@ -23,12 +23,7 @@ std::tuple<at::Tensor, at::Tensor> dpc_delta_cpu(const at::Tensor& x, const at::
   at::Tensor delta = at::empty({B, N}, xf.options());
   at::Tensor parent = at::empty({B, N}, xf.options().dtype(at::kLong));
   AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "dpc_delta_cpu", [&] {
-    tpc::Job<scalar_t> job;
-    job.x = xf.data_ptr<scalar_t>();
-    job.B = B;
-    job.N = N;
-    job.C = C;
-    job.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    auto job = tpc::make_job<scalar_t>(xf, mask);
     job.want_delta = true;
     job.keys = keys.data_ptr<double>();
     job.delta = delta.data_ptr<scalar_t>();

@@ -12,7 +12,7 @@ std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, i
                                                std::optional<int64_t> center, bool keep_center, bool sorted,
                                                bool return_assignment) {
   tpc::check_x(x, "dpc_knn");
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t B = x.size(0), N = x.size(1);
   TORCH_CHECK(k >= 1, "dpc_knn: k must be >= 1, got ", k);
   k = std::min<int64_t>(k, std::max<int64_t>(N, 1));  // fewer than k tokens: the mean runs over all (the reference)
   const bool has_center = center.has_value();
@@ -36,12 +36,7 @@ std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, i
   at::Tensor log_rho = at::empty({B, N}, xf.options());
   at::Tensor delta = at::empty({B, N}, xf.options());
   AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "dpc_knn_cpu", [&] {
-    tpc::Job<scalar_t> job;
-    job.x = xf.data_ptr<scalar_t>();
-    job.B = B;
-    job.N = N;
-    job.C = C;
-    job.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    auto job = tpc::make_job<scalar_t>(xf, mask);
     job.k = k;
     job.log_rho = log_rho.data_ptr<scalar_t>();
     job.want_delta = true;

@@ -8,19 +8,14 @@ namespace hot_kernels {
 
 at::Tensor knn_density_cpu(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& token_mask, bool log) {
   tpc::check_x(x, "knn_density");
-  const int64_t B = x.size(0), N = x.size(1), C = x.size(2);
+  const int64_t B = x.size(0), N = x.size(1);
   TORCH_CHECK(k >= 1, "knn_density: k must be >= 1, got ", k);
   k = std::min<int64_t>(k, std::max<int64_t>(N, 1));  // fewer than k tokens: the mean runs over all (the reference)
   const at::Tensor xf = tpc::compute_input(x);
   const at::Tensor mask = tpc::prepare_mask(token_mask, B, N, "knn_density");
   at::Tensor out = at::empty({B, N}, xf.options());
   AT_DISPATCH_FLOATING_TYPES(xf.scalar_type(), "knn_density_cpu", [&] {
-    tpc::Job<scalar_t> job;
-    job.x = xf.data_ptr<scalar_t>();
-    job.B = B;
-    job.N = N;
-    job.C = C;
-    job.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+    auto job = tpc::make_job<scalar_t>(xf, mask);
     job.k = k;
     job.log_rho = out.data_ptr<scalar_t>();
     tpc::run(job);

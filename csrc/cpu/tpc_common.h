@@ -988,6 +988,19 @@ struct Job {
   int64_t* assign = nullptr;  // (B, N) or nullptr
 };
 
+// A Job over the compute-dtype input xf (B, N, C) and an optional prepared mask; the caller fills
+// in what to compute.
+template <typename T>
+inline Job<T> make_job(const at::Tensor& xf, const at::Tensor& mask) {
+  Job<T> job;
+  job.x = xf.data_ptr<T>();
+  job.B = xf.size(0);
+  job.N = xf.size(1);
+  job.C = xf.size(2);
+  job.mask = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  return job;
+}
+
 // Per-sample state and thread scratch of the full-block path.
 template <typename T>
 struct SampleWork {
