@@ -160,23 +160,19 @@ def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale,
             torch.empty_like(wo), bias_grad(bo)]
 
 
-_TRA_TENSORS = ("query", "x", "wq", "bq", "wk", "bk", "wv", "bv", "wo", "bo")
-
-
 def _tra_setup(ctx, inputs, output):
     *tensors, num_heads, scale, residual, backend = inputs
     ctx.num_heads, ctx.scale, ctx.residual, ctx.backend = num_heads, scale, residual, backend
-    ctx.has = [t is not None for t in tensors]
-    ctx.save_for_backward(*tensors, output[1])
+    ctx.save_for_backward(*tensors, output[1])  # absent biases are saved (and come back) as None
     ctx.mark_non_differentiable(output[1])
 
 
 def _tra_backward(ctx, grad_out, _grad_lse):
-    *saved, lse = ctx.saved_tensors
-    tensors = [t if has else None for t, has in zip(saved, ctx.has)]
+    *tensors, lse = ctx.saved_tensors
     grads = token_recovering_attention_backward(grad_out.contiguous(), *tensors, lse, ctx.num_heads, ctx.scale,
                                                 ctx.residual, ctx.backend)
-    grads = [g if has else None for g, has in zip(grads, ctx.has)]
+    # An absent bias gets an empty gradient from the kernel: autograd wants None for it.
+    grads = [None if t is None else g for g, t in zip(grads, tensors)]
     return (*grads, None, None, None, None)
 
 

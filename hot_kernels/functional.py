@@ -158,10 +158,10 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
         V.same_device(op, "x", x, pos_embed=pos_embed)
         if pos_embed.shape[0] not in (1, B) or pos_embed.shape[2] != C:
             V.fail(op, f"pos_embed must be (1, f, C) or (B, f, C) with C = {C}, got {tuple(pos_embed.shape)}")
+        if pos_embed.shape[1] != f:
+            V.fail(op, f"pos_embed must have f = {f} tokens, got {tuple(pos_embed.shape)}")
     pooled = x.detach().mean(dim=2)
     index = dpc_knn(pooled, f, k, center=center, backend=backend)
-    if pos_embed is not None and pos_embed.shape[1] != index.shape[1]:
-        V.fail(op, f"pos_embed must have f = {index.shape[1]} tokens, got {tuple(pos_embed.shape)}")
     x_kept = x.gather(1, index[:, :, None, None].expand(B, index.shape[1], J, C))
     if pos_embed is not None:
         x_kept = x_kept + pos_embed[:, :, None, :]

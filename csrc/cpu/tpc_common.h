@@ -582,6 +582,23 @@ HK_HOT T min_pen(const T* v, const T* pen, int64_t len, T m) {
   return m;
 }
 
+// The scalar tail shared by both pushes: values j0 <= j < len (fewer than kLanes) go into lane
+// j - j0, through the same compare-exchange chain as the vector body.
+template <typename T>
+inline void lanes_push_tail(T* m, int64_t K, const T* v, const T* pen, int64_t j0, int64_t len) {
+  constexpr int W = kLanes;
+  for (int64_t j = j0; j < len; ++j) {
+    const int l = static_cast<int>(j - j0);
+    T x = pen == nullptr ? v[j] : v[j] + pen[j];
+    for (int64_t t = 0; t < K; ++t) {
+      const T a = m[t * W + l];
+      const T lo = x < a ? x : a;
+      x = x < a ? a : x;
+      m[t * W + l] = lo;
+    }
+  }
+}
+
 template <typename T, int K>
 HK_HOT void lanes_push(T* m, const T* v, const T* pen, int64_t len) {
   constexpr int W = kLanes;
@@ -611,16 +628,7 @@ HK_HOT void lanes_push(T* m, const T* v, const T* pen, int64_t len) {
       }
     }
   }
-  for (int64_t j = j0; j < len; ++j) {
-    const int l = static_cast<int>(j - j0);
-    T x = pen == nullptr ? v[j] : v[j] + pen[j];
-    for (int t = 0; t < K; ++t) {
-      const T mt = m[t * W + l];
-      const T lo = x < mt ? x : mt;
-      x = x < mt ? mt : x;
-      m[t * W + l] = lo;
-    }
-  }
+  lanes_push_tail(m, K, v, pen, j0, len);
 }
 
 // The same network with a run-time depth K (kLaneK < K <= kLaneKMax).
@@ -646,16 +654,7 @@ HK_HOT void lanes_push_dyn(T* m, int64_t K, const T* v, const T* pen, int64_t le
       }
     }
   }
-  for (int64_t j = j0; j < len; ++j) {
-    const int l = static_cast<int>(j - j0);
-    T x = pen == nullptr ? v[j] : v[j] + pen[j];
-    for (int64_t t = 0; t < K; ++t) {
-      const T a = m[t * W + l];
-      const T lo = x < a ? x : a;
-      x = x < a ? a : x;
-      m[t * W + l] = lo;
-    }
-  }
+  lanes_push_tail(m, K, v, pen, j0, len);
 }
 
 template <typename T>
