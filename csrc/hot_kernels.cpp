@@ -17,7 +17,7 @@ namespace {
 // dispatcher can say "the cuda backend of this build has no dpc_knn" instead of failing inside.
 std::vector<std::string> ops_for_device(const std::string& device) {
   if (device == "cpu") {
-    return {"pairwise_distance", "knn_density", "dpc_delta", "topf_select", "dpc_knn",
+    return {"pairwise_distance", "knn_density", "dpc_delta", "topf_select", "dpc_knn", "gather_frames",
             "token_recovering_attention"};
   }
   if (device == "cuda") {
@@ -70,6 +70,17 @@ std::tuple<at::Tensor, at::Tensor> dpc_knn(const at::Tensor& x, int64_t f, int64
   fail_device("dpc_knn", x);
 }
 
+at::Tensor gather_frames(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& pos_embed) {
+  if (x.is_cpu()) return gather_frames_cpu(x, index, pos_embed);
+  fail_device("gather_frames", x);
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_frames_backward(const at::Tensor& grad, const at::Tensor& index,
+                                                          int64_t num_frames, int64_t pos_batch) {
+  if (grad.is_cpu()) return gather_frames_backward_cpu(grad, index, num_frames, pos_batch);
+  fail_device("gather_frames_backward", grad);
+}
+
 std::vector<at::Tensor> token_recovering_attention(
     const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
     const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
@@ -109,6 +120,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("dpc_delta", &hk::dpc_delta);
   m.def("topf_select", &hk::topf_select);
   m.def("dpc_knn", &hk::dpc_knn);
+  m.def("gather_frames", &hk::gather_frames);
+  m.def("gather_frames_backward", &hk::gather_frames_backward);
   m.def("token_recovering_attention", &hk::token_recovering_attention);
   m.def("token_recovering_attention_backward", &hk::token_recovering_attention_backward);
 #ifdef HOT_KERNELS_WITH_CUDA

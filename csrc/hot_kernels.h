@@ -41,10 +41,21 @@ at::Tensor topf_select_cpu(const at::Tensor& score, int64_t f, bool sorted,
                            const std::optional<at::Tensor>& exclude);
 
 // The fused TPC selection -> (index (B, f) int64, assignment (B, N) int64 or (B, 0) when not asked).
+// x is (B, N, C), or (B, N, J, C): then the selection runs on the clip pooled over J (mean, in the
+// compute precision), as token_pruning_cluster needs.
 std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, int64_t k,
                                                const std::optional<at::Tensor>& token_mask,
                                                std::optional<int64_t> center, bool keep_center,
                                                bool sorted, bool return_assignment);
+
+// token_pruning_cluster's gather: x (B, F, J, C), index (B, f) int64 (distinct per row), pos_embed
+// (1 or B, f, C) or none -> out (B, f, J, C) = x[b, index[b, t]] (+ pos_embed[., t] over joints).
+at::Tensor gather_frames_cpu(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& pos_embed);
+// -> (grad_x (B, num_frames, J, C): grad scattered to the kept frames, zero elsewhere; grad_pos
+// (pos_batch, f, C) = grad summed over J (and B when pos_batch == 1), or an empty tensor when
+// pos_batch == 0).
+std::tuple<at::Tensor, at::Tensor> gather_frames_backward_cpu(const at::Tensor& grad, const at::Tensor& index,
+                                                             int64_t num_frames, int64_t pos_batch);
 
 // Token recovering attention. query (1 or S, L, C), x (S, M, C), weights (C, C), biases (C) or none.
 // Returns {out (S, L, C), lse (S, H, L) float32/float64}: what the backward needs besides the inputs.

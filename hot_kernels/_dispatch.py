@@ -31,6 +31,7 @@ CUDA_PREFERENCE = {
     "dpc_delta": ("triton", "cuda", "reference"),
     "topf_select": ("triton", "cuda", "reference"),
     "dpc_knn": ("triton", "cuda", "reference"),
+    "gather_frames": ("triton", "cuda", "reference"),
     "token_recovering_attention": ("triton", "cuda", "reference"),
 }
 CPU_PREFERENCE = ("cpu", "reference")
@@ -84,6 +85,8 @@ def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
         if op not in _ext.ops_for_device("cpu"):
             return f"this build's cpu backend has no {op}"
         return None
+    if dtype == torch.float64 and backend in ("cuda", "triton"):
+        return f"the {backend} backend computes in float16, bfloat16 or float32; float64 runs on the cpu and reference backends"
     if backend == "cuda":
         if _ext.C is None:
             return f"the cuda backend needs the compiled extension hot_kernels._C, which is not available ({_ext.ERROR})"

@@ -4,7 +4,7 @@ Each op takes the already-resolved backend name as its last argument and calls t
 kernel (``hot_kernels._C`` for "cpu"/"cuda", ``hot_kernels.triton`` for "triton"). A fake (meta)
 implementation gives output shapes without running anything, so ``torch.compile(fullgraph=True)``,
 ``torch.export`` and CUDA graphs see one op per call; autograd is registered where DESIGN.md makes
-an op differentiable (pairwise_distance, token_recovering_attention). The ``reference`` backend is
+an op differentiable (pairwise_distance, gather_frames, token_recovering_attention). The ``reference`` backend is
 plain PyTorch and does not go through these ops.
 
 Nothing here validates: hot_kernels/functional.py does, before it calls these.
@@ -117,6 +117,50 @@ def _(x, f, k, token_mask, center, keep_center, sorted, return_assignment, backe
     B, N = x.shape[:2]
     return (x.new_empty((B, f), dtype=torch.long),
             x.new_empty((B, N if return_assignment else 0), dtype=torch.long))
+
+
+# ---- token_pruning_cluster's gather (differentiable in x and pos_embed) -----------------------------
+
+
+@torch.library.custom_op(f"{LIB}::gather_frames", mutates_args=())
+def gather_frames(x: Tensor, index: Tensor, pos_embed: Optional[Tensor], backend: str) -> Tensor:
+    """x (B, F, J, C), index (B, f) -> (B, f, J, C) = x[b, index[b, t]] (+ pos_embed (1|B, f, C))."""
+    return _kernels(backend).gather_frames(x, index, pos_embed)
+
+
+@gather_frames.register_fake
+def _(x, index, pos_embed, backend):
+    return x.new_empty((x.shape[0], index.shape[1], x.shape[2], x.shape[3]))
+
+
+@torch.library.custom_op(f"{LIB}::gather_frames_backward", mutates_args=())
+def gather_frames_backward(grad: Tensor, index: Tensor, num_frames: int, pos_batch: int,
+                           backend: str) -> tuple[Tensor, Tensor]:
+    """-> (grad_x (B, num_frames, J, C), grad_pos (pos_batch, f, C), or empty when pos_batch == 0)."""
+    return tuple(_kernels(backend).gather_frames_backward(grad, index, num_frames, pos_batch))
+
+
+@gather_frames_backward.register_fake
+def _(grad, index, num_frames, pos_batch, backend):
+    B, f, J, C = grad.shape
+    return (grad.new_empty((B, num_frames, J, C)),
+            grad.new_empty((pos_batch, f, C) if pos_batch else (0,)))
+
+
+def _gather_setup(ctx, inputs, output):
+    x, index, pos_embed, backend = inputs
+    ctx.backend, ctx.num_frames = backend, x.shape[1]
+    ctx.pos_batch = 0 if pos_embed is None else pos_embed.shape[0]
+    ctx.save_for_backward(index)
+
+
+def _gather_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    grad_x, grad_pos = gather_frames_backward(grad.contiguous(), index, ctx.num_frames, ctx.pos_batch, ctx.backend)
+    return grad_x, None, (grad_pos if ctx.pos_batch else None), None
+
+
+gather_frames.register_autograd(_gather_backward, setup_context=_gather_setup)
 
 
 # ---- token_recovering_attention --------------------------------------------------------------

@@ -145,14 +145,18 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
                           pos_embed: torch.Tensor | None = None, *, backend: str | None = None):
     """x (B, F, J, C) -> (x_kept (B, f, J, C), index (B, f) int64 ascending).
 
-    Pools over joints (mean over J), selects f frames with dpc_knn, gathers them (differentiable
-    in x: the backward scatter-adds into the kept frames) and adds pos_embed ((1 or B), f, C),
-    broadcast over joints, if given. The selection itself is not differentiable (as in HoT)."""
+    Pools over joints (mean over J, in float32 for half inputs), selects f frames with dpc_knn
+    (k neighbours; center forced if given), gathers them (differentiable in x: the backward
+    scatter-adds into the kept frames) and adds pos_embed ((1 or B), f, C), broadcast over joints,
+    if given (differentiable too). The selection itself is not differentiable (as in HoT)."""
     op = "token_pruning_cluster"
     V.tensor(op, "x", x, "(B, F, J, C)", ndim=4)
     B, Fr, J, C = x.shape
     if Fr == 0 or J == 0 or C == 0:
         V.fail(op, f"x must have F, J, C >= 1, got shape {tuple(x.shape)}")
+    center = V.center(op, center, Fr)
+    f = V.integer(op, "f", f, 1, Fr, f" (frames to keep of F = {Fr})")
+    k = V.integer(op, "k", k, 1, Fr, f" (neighbours among the F = {Fr} frames)")
     if pos_embed is not None:
         V.tensor(op, "pos_embed", pos_embed, "(1, f, C)", ndim=3)
         V.same_device(op, "x", x, pos_embed=pos_embed)
@@ -160,11 +164,14 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
             V.fail(op, f"pos_embed must be (1, f, C) or (B, f, C) with C = {C}, got {tuple(pos_embed.shape)}")
         if pos_embed.shape[1] != f:
             V.fail(op, f"pos_embed must have f = {f} tokens, got {tuple(pos_embed.shape)}")
-    pooled = x.detach().mean(dim=2)
-    index = dpc_knn(pooled, f, k, center=center, backend=backend)
-    x_kept = x.gather(1, index[:, :, None, None].expand(B, index.shape[1], J, C))
-    if pos_embed is not None:
-        x_kept = x_kept + pos_embed[:, :, None, :]
+        if pos_embed.dtype != x.dtype:
+            V.fail(op, f"pos_embed is {pos_embed.dtype} but x is {x.dtype}; both must have one dtype")
+    name = _dispatch.resolve("dpc_knn", x, backend)
+    if name == "reference":
+        return reference.token_pruning_cluster(x, f, k, center, pos_embed)
+    # The selection reads (B, F, J, C) and pools over joints inside the kernel (no pooled copy).
+    index, _ = _ops.dpc_knn(x.detach(), f, k, None, center, True, True, False, name)
+    x_kept = _ops.gather_frames(x, index, pos_embed, _dispatch.resolve("gather_frames", x, backend))
     return x_kept, index
 
 

@@ -234,11 +234,12 @@ def dpc_knn(x: torch.Tensor, f: int, k: int = 2, token_mask: torch.Tensor | None
 
 def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | None = None,
                           pos_embed: torch.Tensor | None = None):
-    """x (B, F, J, C) -> (x_kept (B, f, J, C), index (B, f)): pool over joints, dpc_knn on the
-    (B, F, C) clip, gather the kept frames (differentiable in x), add pos_embed (1, f, C) over
-    joints if given. The selection itself is not differentiable."""
+    """x (B, F, J, C) -> (x_kept (B, f, J, C), index (B, f)): pool over joints (mean, in float32
+    for half inputs), dpc_knn on the (B, F, C) clip, gather the kept frames (differentiable in
+    x), add pos_embed (1, f, C) over joints if given. The selection itself is not differentiable."""
     B, Fr, J, C = x.shape
-    index = dpc_knn(x.detach().mean(dim=2), f, k, center=center)
+    # Pooled in the compute precision (float32 for half inputs), as every backend does.
+    index = dpc_knn(x.detach().to(compute_dtype(x.dtype)).mean(dim=2), f, k, center=center)
     x_kept = x.gather(1, index[:, :, None, None].expand(B, index.shape[1], J, C))
     if pos_embed is not None:
         x_kept = x_kept + pos_embed[:, :, None, :]

@@ -35,20 +35,43 @@ def _opcheck(op, args):
     torch.library.opcheck(op, args)
 
 
+# Backends whose TPC ops run on CPU tensors here (triton: under TRITON_INTERPRET=1, see conftest.py).
+TPC_BACKENDS = [b for b in ("cpu", "triton") if hk.available_backends("cpu", "dpc_knn")[b] is None]
+
+
+@pytest.mark.parametrize("backend", TPC_BACKENDS)
 @pytest.mark.parametrize("B", [2, 0])
-def test_opcheck_tpc_ops(B):
+def test_opcheck_tpc_ops(B, backend):
     x, mask = _tpc_inputs(B)
-    _opcheck(ops.pairwise_distance.default, (x, None, "cpu"))
-    _opcheck(ops.pairwise_distance.default, (x, x[:, :5] + 1, "cpu"))
-    _opcheck(ops.knn_density.default, (x, 2, mask, False, "cpu"))
-    _opcheck(ops.knn_density.default, (x, 3, None, True, "cpu"))
+    _opcheck(ops.pairwise_distance.default, (x, None, backend))
+    _opcheck(ops.pairwise_distance.default, (x, x[:, :5] + 1, backend))
+    _opcheck(ops.knn_density.default, (x, 2, mask, False, backend))
+    _opcheck(ops.knn_density.default, (x, 3, None, True, backend))
     log_rho = hk.knn_density(x, 2, log=True, backend="reference")
-    _opcheck(ops.dpc_delta.default, (x, log_rho, mask, "cpu"))
-    _opcheck(ops.topf_select.default, (log_rho, 4, True, None, "cpu"))
-    _opcheck(ops.topf_select.default, (log_rho, 4, False, torch.full((B,), 3, dtype=torch.long), "cpu"))
-    _opcheck(ops.dpc_knn.default, (x, 4, 2, None, None, True, True, False, "cpu"))
-    _opcheck(ops.dpc_knn.default, (x, 4, 2, mask, 5, True, True, True, "cpu"))
-    _opcheck(ops.dpc_knn.default, (x, 4, 2, None, 5, False, False, True, "cpu"))
+    _opcheck(ops.dpc_delta.default, (x, log_rho, mask, backend))
+    _opcheck(ops.topf_select.default, (log_rho, 4, True, None, backend))
+    _opcheck(ops.topf_select.default, (log_rho, 4, False, torch.full((B,), 3, dtype=torch.long), backend))
+    _opcheck(ops.dpc_knn.default, (x, 4, 2, None, None, True, True, False, backend))
+    _opcheck(ops.dpc_knn.default, (x, 4, 2, mask, 5, True, True, True, backend))
+    _opcheck(ops.dpc_knn.default, (x, 4, 2, None, 5, False, False, True, backend))
+    clip = torch.randn(B, 11, 3, 6)  # (B, F, J, C): pooled over J inside the op
+    _opcheck(ops.dpc_knn.default, (clip, 4, 2, None, None, True, True, False, backend))
+
+
+@pytest.mark.parametrize("backend", TPC_BACKENDS)
+@pytest.mark.parametrize("B,pos_batch", [(2, 0), (2, 1), (3, 3), (0, 1)])
+def test_opcheck_gather_frames(B, pos_batch, backend):
+    x = torch.randn(B, 11, 3, 6, requires_grad=True)
+    index = torch.stack([torch.randperm(11)[:4] for _ in range(B)]) if B else torch.zeros(0, 4, dtype=torch.long)
+    pos = torch.randn(pos_batch, 4, 6, requires_grad=True) if pos_batch else None
+    _opcheck(ops.gather_frames.default, (x, index, pos, backend))
+
+
+def test_gather_frames_gradcheck_float64():
+    x = torch.randn(2, 7, 3, 4, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, 3, 4, dtype=torch.float64, requires_grad=True)
+    f = lambda a, p: hk.token_pruning_cluster(a, 3, pos_embed=p, backend="cpu")[0]  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, pos))
 
 
 def test_opcheck_pairwise_distance_with_grad():

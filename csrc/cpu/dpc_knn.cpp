@@ -2,6 +2,7 @@
 // long clips, canonical tiles streamed twice; tpc_common.h), then a single pass over its rows for
 // the k-nearest log-density, a pass for delta (ordered by log rho), score = delta * exp(log rho),
 // the top-f selection and the optional assignment. No B x N x N tensor is ever allocated.
+// A (B, N, J, C) input is pooled over J first (token_pruning_cluster).
 #include "../hot_kernels.h"
 #include "tpc_common.h"
 
@@ -11,6 +12,13 @@ std::tuple<at::Tensor, at::Tensor> dpc_knn_cpu(const at::Tensor& x, int64_t f, i
                                                const std::optional<at::Tensor>& token_mask,
                                                std::optional<int64_t> center, bool keep_center, bool sorted,
                                                bool return_assignment) {
+  if (x.dim() == 4) {
+    // (B, N, J, C): select on the joint-pooled clip, pooled in the compute precision (float32 for
+    // half inputs), as every backend does.
+    TORCH_CHECK(x.size(2) >= 1, "dpc_knn: x (B, N, J, C) must have J >= 1, got ", x.sizes());
+    return dpc_knn_cpu(x.to(tpc::compute_dtype(x.scalar_type())).mean(2), f, k, token_mask, center, keep_center,
+                       sorted, return_assignment);
+  }
   tpc::check_x(x, "dpc_knn");
   const int64_t B = x.size(0), N = x.size(1);
   TORCH_CHECK(k >= 1, "dpc_knn: k must be >= 1, got ", k);
