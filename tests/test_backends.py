@@ -112,7 +112,7 @@ def close_distance(D, x, y=None):
     assert (err <= allowed).all(), f"max error {err.max().item():.3g}, worst excess {(err / allowed).max().item():.3g}x"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("B,N,M,C", [(2, 7, 5, 3), (3, 33, 17, 64), (1, 1, 1, 1), (0, 4, 3, 2)])
 def test_pairwise_distance(backend, dtype, B, N, M, C):
@@ -125,7 +125,7 @@ def test_pairwise_distance(backend, dtype, B, N, M, C):
     close_distance(backend.run(hk.pairwise_distance, x, y), x, y)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pairwise_distance_backward(backend, dtype):
     backend.require("pairwise_distance", dtype)
@@ -161,7 +161,7 @@ def _mask(B, N, seed, kind):
     return m
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 @pytest.mark.parametrize("mask_kind", ["none", "random", "one-real", "all-masked"])
 @pytest.mark.parametrize("N,k", [(1, 1), (9, 1), (9, 9), (40, 2), (40, 5)])
@@ -175,7 +175,7 @@ def test_knn_density(backend, dtype, mask_kind, N, k):
         close(got, want, TOL[dtype]["fwd"] if dtype != torch.float16 else TOL[torch.float32]["fwd"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("mask_kind", ["none", "random", "one-real"])
 @pytest.mark.parametrize("N", [1, 2, 13, 50])
@@ -196,7 +196,7 @@ def test_dpc_delta(backend, dtype, mask_kind, N):
         close(at[has_higher].to(dtype), want_delta[has_higher], TOL[dtype]["fwd"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_dpc_delta_ties_go_to_the_lower_index(backend, dtype):
     backend.require("dpc_delta", dtype)
@@ -210,7 +210,7 @@ def test_dpc_delta_ties_go_to_the_lower_index(backend, dtype):
     close(delta, want_delta, TOL[dtype]["fwd"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("sorted_", [True, False])
 def test_topf_select(backend, sorted_):
     backend.require("topf_select")
@@ -248,7 +248,7 @@ DPC_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", DPC_CASES, ids=[str(c) for c in DPC_CASES])
 def test_dpc_knn(backend, dtype, case):
@@ -273,7 +273,7 @@ def test_dpc_knn(backend, dtype, case):
             check_assignment(x, got, asg)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_dpc_knn_float64_matches_the_reference_exactly(backend):
     backend.require("dpc_knn", torch.float64)
     # In float64, distinct random frames leave no near-ties: every pick must be identical.
@@ -282,7 +282,7 @@ def test_dpc_knn_float64_matches_the_reference_exactly(backend):
         assert torch.equal(backend.run(hk.dpc_knn, x, 20, 2), R.dpc_knn(x, 20, 2))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dpc_knn_half_inputs(backend, dtype):
     backend.require("dpc_knn", dtype)
@@ -292,7 +292,7 @@ def test_dpc_knn_half_inputs(backend, dtype):
     check_selection(x.float(), got, 17, 2, sorted=True)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_dpc_knn_non_finite_input_gives_valid_distinct_indices(backend):
     backend.require("dpc_knn")
     x = clip(4, 20, 5, 0)
@@ -310,7 +310,7 @@ def test_dpc_knn_non_finite_input_gives_valid_distinct_indices(backend):
             assert (index == center).any(-1).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_dpc_knn_layouts_give_the_same_result(backend):
     backend.require("dpc_knn")
     base = clip(3, 40, 24, 3)
@@ -326,7 +326,7 @@ def test_dpc_knn_layouts_give_the_same_result(backend):
     assert index.shape == (0, 13) and asg.shape == (0, 40)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_determinism_bitwise(backend):
     backend.require("dpc_knn")
     x = clip(4, 70, 32, 11, smooth=True)
@@ -343,7 +343,7 @@ def test_determinism_bitwise(backend):
 # ---- token_pruning_cluster ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("pos_batch", [1, 2])
 def test_token_pruning_cluster(backend, dtype, pos_batch):
@@ -407,7 +407,7 @@ TRA_CASES = [
 ]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", TRA_CASES, ids=[str(c) for c in TRA_CASES])
 def test_token_recovering_attention(backend, dtype, case):
@@ -432,7 +432,7 @@ def test_token_recovering_attention(backend, dtype, case):
         close(got_g.double(), want_g.double(), tol["bwd"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_tra_broadcast_query_is_projected_once_and_gets_the_summed_gradient(backend):
     backend.require("token_recovering_attention", torch.float64)
     S, L, M, C = 5, 6, 4, 16
@@ -449,7 +449,7 @@ def test_tra_broadcast_query_is_projected_once_and_gets_the_summed_gradient(back
     close(g, wg, TOL[torch.float64]["bwd"])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_tra_determinism_bitwise(backend):
     backend.require("token_recovering_attention")
     args = tra_args(6, 20, 7, 32, torch.float32, shared=True)
@@ -479,7 +479,7 @@ def near_duplicate_clips(B, N, C, seed, offset=8.0):
     return x.float()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_dpc_knn_agrees_with_float64_at_least_as_often_as_the_reference(backend):
     """Count the clips whose float32 selection differs from the float64 one (same input values),
     for this backend and for the reference's Gram-form cdist: the backend must not lose."""
