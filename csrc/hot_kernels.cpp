@@ -22,7 +22,8 @@ std::vector<std::string> ops_for_device(const std::string& device) {
   }
   if (device == "cuda") {
 #ifdef HOT_KERNELS_WITH_CUDA
-    return {"cuda_iota"};
+    return {"cuda_iota", "pairwise_distance", "knn_density", "dpc_delta", "topf_select", "dpc_knn", "gather_frames",
+            "token_recovering_attention"};
 #endif
   }
   return {};
@@ -33,9 +34,13 @@ std::vector<std::string> ops_for_device(const std::string& device) {
               " in this build (it has: cpu", ops_for_device("cuda").empty() ? "" : ", cuda", ")");
 }
 
-// Every entry point below: CPU tensors go to csrc/cpu; anything else is refused with the reason.
+// Every entry point below: CPU tensors go to csrc/cpu, CUDA tensors to csrc/cuda (in a CUDA build, for
+// the ops it implements); anything else is refused with the reason.
 at::Tensor pairwise_distance(const at::Tensor& x, const std::optional<at::Tensor>& y) {
   if (x.is_cpu()) return pairwise_distance_cpu(x, y);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return pairwise_distance_cuda(x, y);
+#endif
   fail_device("pairwise_distance", x);
 }
 
@@ -43,22 +48,34 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(const at::Tensor& 
                                                               const std::optional<at::Tensor>& y,
                                                               const at::Tensor& dist) {
   if (x.is_cpu()) return pairwise_distance_backward_cpu(grad, x, y, dist);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return pairwise_distance_backward_cuda(grad, x, y, dist);
+#endif
   fail_device("pairwise_distance_backward", x);
 }
 
 at::Tensor knn_density(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& token_mask, bool log) {
   if (x.is_cpu()) return knn_density_cpu(x, k, token_mask, log);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return knn_density_cuda(x, k, token_mask, log);
+#endif
   fail_device("knn_density", x);
 }
 
 std::tuple<at::Tensor, at::Tensor> dpc_delta(const at::Tensor& x, const at::Tensor& density,
                                              const std::optional<at::Tensor>& token_mask) {
   if (x.is_cpu()) return dpc_delta_cpu(x, density, token_mask);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return dpc_delta_cuda(x, density, token_mask);
+#endif
   fail_device("dpc_delta", x);
 }
 
 at::Tensor topf_select(const at::Tensor& score, int64_t f, bool sorted, const std::optional<at::Tensor>& exclude) {
   if (score.is_cpu()) return topf_select_cpu(score, f, sorted, exclude);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (score.is_cuda()) return topf_select_cuda(score, f, sorted, exclude);
+#endif
   fail_device("topf_select", score);
 }
 
@@ -67,17 +84,26 @@ std::tuple<at::Tensor, at::Tensor> dpc_knn(const at::Tensor& x, int64_t f, int64
                                            std::optional<int64_t> center, bool keep_center, bool sorted,
                                            bool return_assignment) {
   if (x.is_cpu()) return dpc_knn_cpu(x, f, k, token_mask, center, keep_center, sorted, return_assignment);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return dpc_knn_cuda(x, f, k, token_mask, center, keep_center, sorted, return_assignment);
+#endif
   fail_device("dpc_knn", x);
 }
 
 at::Tensor gather_frames(const at::Tensor& x, const at::Tensor& index, const std::optional<at::Tensor>& pos_embed) {
   if (x.is_cpu()) return gather_frames_cpu(x, index, pos_embed);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return gather_frames_cuda(x, index, pos_embed);
+#endif
   fail_device("gather_frames", x);
 }
 
 std::tuple<at::Tensor, at::Tensor> gather_frames_backward(const at::Tensor& grad, const at::Tensor& index,
                                                           int64_t num_frames, int64_t pos_batch) {
   if (grad.is_cpu()) return gather_frames_backward_cpu(grad, index, num_frames, pos_batch);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (grad.is_cuda()) return gather_frames_backward_cuda(grad, index, num_frames, pos_batch);
+#endif
   fail_device("gather_frames_backward", grad);
 }
 
@@ -88,6 +114,10 @@ std::vector<at::Tensor> token_recovering_attention(
     int64_t num_heads, double scale, bool residual) {
   if (x.is_cpu())
     return token_recovering_attention_cpu(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda())
+    return token_recovering_attention_cuda(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+#endif
   fail_device("token_recovering_attention", x);
 }
 
@@ -100,6 +130,11 @@ std::vector<at::Tensor> token_recovering_attention_backward(
   if (x.is_cpu())
     return token_recovering_attention_backward_cpu(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse,
                                                    num_heads, scale, residual);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda())
+    return token_recovering_attention_backward_cuda(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse,
+                                                    num_heads, scale, residual);
+#endif
   fail_device("token_recovering_attention_backward", x);
 }
 

@@ -78,6 +78,44 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
 // Build probe: out[i] = i for i in [0, n), int64 on the current CUDA device. Proves that the
 // CUDA half of the extension was compiled, linked and can launch a kernel.
 at::Tensor cuda_iota(int64_t n);
+
+// The TPC ops on CUDA tensors: same signatures and semantics as the *_cpu entry points above.
+// Inputs float16, bfloat16 or float32 (float32 accumulation; float64 is refused with a message);
+// no host synchronisation (CUDA-graph safe), deterministic. dpc_knn: 2 launches (3 with
+// return_assignment), no B x N x N tensor; knn_density / dpc_knn need k <= 32.
+at::Tensor pairwise_distance_cuda(const at::Tensor& x, const std::optional<at::Tensor>& y);
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& x, const std::optional<at::Tensor>& y, const at::Tensor& dist);
+at::Tensor knn_density_cuda(const at::Tensor& x, int64_t k, const std::optional<at::Tensor>& token_mask,
+                            bool log);
+std::tuple<at::Tensor, at::Tensor> dpc_delta_cuda(const at::Tensor& x, const at::Tensor& density,
+                                                  const std::optional<at::Tensor>& token_mask);
+at::Tensor topf_select_cuda(const at::Tensor& score, int64_t f, bool sorted,
+                            const std::optional<at::Tensor>& exclude);
+std::tuple<at::Tensor, at::Tensor> dpc_knn_cuda(const at::Tensor& x, int64_t f, int64_t k,
+                                                const std::optional<at::Tensor>& token_mask,
+                                                std::optional<int64_t> center, bool keep_center,
+                                                bool sorted, bool return_assignment);
+at::Tensor gather_frames_cuda(const at::Tensor& x, const at::Tensor& index,
+                              const std::optional<at::Tensor>& pos_embed);
+std::tuple<at::Tensor, at::Tensor> gather_frames_backward_cuda(const at::Tensor& grad, const at::Tensor& index,
+                                                              int64_t num_frames, int64_t pos_batch);
+
+// Token recovering attention on CUDA tensors (csrc/cuda/token_recovering_attention.cu): same
+// signatures and results as the *_cpu entry points; float16/bfloat16 (sm_80+) or float32, lse
+// float32. Projections are ATen GEMMs, the attention core is fused (online softmax, lse saved,
+// recomputed in backward); deterministic, no host synchronisation.
+std::vector<at::Tensor> token_recovering_attention_cuda(
+    const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual);
+std::vector<at::Tensor> token_recovering_attention_backward_cuda(
+    const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
+    const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
+    const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
+    bool residual);
 #endif
 
 }  // namespace hot_kernels

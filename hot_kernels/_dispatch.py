@@ -38,6 +38,10 @@ CPU_PREFERENCE = ("cpu", "reference")
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# The GPU backends keep each row's k nearest neighbours in registers: k is bounded there (the
+# published models use k = 2, TCFormer-style clustering k = 5). Larger k runs on cpu/reference.
+GPU_MAX_K = 32
+
 
 class BackendUnavailableError(RuntimeError):
     """A backend that was asked for cannot run this call; the message says why."""
@@ -71,8 +75,9 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why ``backend`` cannot run ``op`` on tensors of this device and dtype (None if it can)."""
+def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype, k: int | None = None) -> str | None:
+    """Why ``backend`` cannot run ``op`` on tensors of this device and dtype, with k neighbours
+    where the op has a k (None if it can)."""
     if dtype not in _FLOAT_DTYPES:
         return f"it needs float16, bfloat16, float32 or float64 input, got {dtype}"
     if backend == "reference":
@@ -87,6 +92,8 @@ def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> 
         return None
     if dtype == torch.float64 and backend in ("cuda", "triton"):
         return f"the {backend} backend computes in float16, bfloat16 or float32; float64 runs on the cpu and reference backends"
+    if k is not None and k > GPU_MAX_K and backend in ("cuda", "triton"):
+        return f"the {backend} backend supports k <= {GPU_MAX_K} neighbours, got k = {k} (cpu and reference take any k)"
     if backend == "cuda":
         if _ext.C is None:
             return f"the cuda backend needs the compiled extension hot_kernels._C, which is not available ({_ext.ERROR})"
@@ -126,19 +133,20 @@ def requested_backend(backend: str | None = None) -> tuple[str | None, str]:
     return None, ""
 
 
-def resolve(op: str, t: torch.Tensor, backend: str | None = None) -> str:
-    """The backend that runs ``op`` for input ``t``: the requested one, which must be able to run
-    the call, else the first of the device's defaults that can."""
+def resolve(op: str, t: torch.Tensor, backend: str | None = None, k: int | None = None) -> str:
+    """The backend that runs ``op`` for input ``t`` (with k neighbours, for the ops that have a k):
+    the requested one, which must be able to run the call, else the first of the device's
+    defaults that can."""
     name, where = requested_backend(backend)
     if name is not None:
-        why = refusal(name, op, t.device, t.dtype)
+        why = refusal(name, op, t.device, t.dtype, k)
         if why is not None:
             raise BackendUnavailableError(f"hot_kernels.{op}: backend {name!r} (asked for by {where}) cannot run this call: {why}")
         return name
     preference = CUDA_PREFERENCE[op] if t.device.type == "cuda" else CPU_PREFERENCE
     reasons = []
     for candidate in preference + ("reference",):
-        why = refusal(candidate, op, t.device, t.dtype)
+        why = refusal(candidate, op, t.device, t.dtype, k)
         if why is None:
             return candidate
         reasons.append(f"{candidate}: {why}")

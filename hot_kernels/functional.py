@@ -58,7 +58,7 @@ def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None = None,
     k = V.integer(op, "k", k, 1, x.shape[1], f" (neighbours among the N = {x.shape[1]} tokens)")
     token_mask = V.token_mask(op, token_mask, x)
     V.boolean(op, "log", log)
-    name = _dispatch.resolve(op, x, backend)
+    name = _dispatch.resolve(op, x, backend, k=k)
     x = x.detach()
     if name == "reference":
         return reference.knn_density(x, k, token_mask, log)
@@ -117,7 +117,7 @@ def _dpc_knn(op, x, f, k, token_mask, center, return_assignment, sorted, keep_ce
     token_mask = V.token_mask(op, token_mask, x)
     V.boolean(op, "return_assignment", return_assignment)
     V.boolean(op, "sorted", sorted)
-    name = _dispatch.resolve("dpc_knn", x, backend)
+    name = _dispatch.resolve("dpc_knn", x, backend, k=k)
     x = x.detach()
     if name == "reference":
         out = reference.dpc_knn(x, f, k, token_mask, center, return_assignment, sorted=sorted,
@@ -166,7 +166,7 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
             V.fail(op, f"pos_embed must have f = {f} tokens, got {tuple(pos_embed.shape)}")
         if pos_embed.dtype != x.dtype:
             V.fail(op, f"pos_embed is {pos_embed.dtype} but x is {x.dtype}; both must have one dtype")
-    name = _dispatch.resolve("dpc_knn", x, backend)
+    name = _dispatch.resolve("dpc_knn", x, backend, k=k)
     if name == "reference":
         return reference.token_pruning_cluster(x, f, k, center, pos_embed)
     # The selection reads (B, F, J, C) and pools over joints inside the kernel (no pooled copy).
