@@ -166,3 +166,17 @@ def test_selection_outputs_never_require_grad():
         delta, _ = hk.dpc_delta(x, hk.knn_density(x, 2, backend=backend), backend=backend)
         assert not delta.requires_grad
         assert hk.dpc_knn(x, 3, backend=backend).dtype == torch.int64
+
+
+def test_gpu_backends_refuse_k_above_32_and_the_default_falls_back():
+    import hot_kernels._dispatch as D
+
+    x = torch.randn(1, 40, 4)
+    for backend in ("cuda", "triton"):
+        why = D.refusal(backend, "dpc_knn", torch.device("cuda"), torch.float32, k=33)
+        assert why is not None and "k <= 32" in why and "k = 33" in why
+        assert D.refusal(backend, "dpc_knn", torch.device("cuda"), torch.float64) is not None  # float64: cpu/reference
+    if hk.available_backends("cpu")["triton"] is None:  # under TRITON_INTERPRET=1 (tests/conftest.py)
+        with pytest.raises(hk.BackendUnavailableError, match="supports k <= 32"):
+            hk.dpc_knn(x, 5, 33, backend="triton")
+        assert hk.dpc_knn(x, 5, 32, backend="triton").shape == (1, 5)

@@ -1,7 +1,9 @@
 """The ``triton`` backend: Triton kernels, one file per op family (kernel, launch wrapper).
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
-``OPS`` names the ops this backend implements; the TPC and TRA kernels add themselves here.
+``OPS`` names the ops this backend implements (their backward ops are implied); the TPC and TRA
+kernels add themselves here. Without the triton package the module still imports, with
+``IMPORT_ERROR`` saying why and ``OPS`` empty.
 """
 from __future__ import annotations
 
@@ -13,3 +15,21 @@ except ImportError as e:
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 OPS: frozenset[str] = frozenset()
+
+if IMPORT_ERROR is None:
+    from .tpc import (  # noqa: F401
+        dpc_delta,
+        dpc_knn,
+        gather_frames,
+        gather_frames_backward,
+        knn_density,
+        pairwise_distance,
+        pairwise_distance_backward,
+        topf_select,
+    )
+
+    OPS = OPS | frozenset({"pairwise_distance", "knn_density", "dpc_delta", "topf_select", "dpc_knn",
+                           "gather_frames"})
+    from .tra import token_recovering_attention, token_recovering_attention_backward  # noqa: F401
+
+    OPS = OPS | frozenset({"token_recovering_attention"})
