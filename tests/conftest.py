@@ -10,3 +10,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Triton decides at decoration time whether a kernel is interpreted: import the kernels now, under
+# the setting above, not first inside a test that changes the environment.
+import hot_kernels.triton  # noqa: E402,F401
