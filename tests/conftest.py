@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Outputs of the Triton wrappers start as NaN / -2^62 (hot_kernels/triton/_alloc.py): an element a
+# kernel leaves unwritten shows in the comparisons instead of passing by luck.
+os.environ.setdefault("HOT_KERNELS_POISON", "1")
+
 # Triton decides at decoration time whether a kernel is interpreted: import the kernels now, under
 # the setting above, not first inside a test that changes the environment.
 import hot_kernels.triton  # noqa: E402,F401

@@ -1,9 +1,11 @@
 """Every backend that runs on this machine against the reference backend (the oracle).
 
-Fresh random inputs per case; outputs poisoned before the call where the backend could leave
-elements unwritten (the ops allocate their own outputs, so each call is checked on full shape and
-on every element); tolerances per dtype from TOL; selections compared exactly in float64 and
-tie-aware otherwise (tests/selection.py proves a differing pick was a near-tie).
+Fresh random inputs per case; outputs poisoned before the kernels run (the ops allocate their
+own outputs: the Triton wrappers fill them with NaN / -2^62 under HOT_KERNELS_POISON=1, which
+tests/conftest.py sets), and every call is checked on full shape and on every element; tolerances
+per dtype from TOL; selections compared exactly in float64 and tie-aware otherwise
+(tests/selection.py proves a differing pick was a near-tie). Targets are (backend, device) pairs:
+cpu and triton (interpreted) on CPU tensors here; cuda and triton on CUDA tensors with a GPU.
 """
 import math
 

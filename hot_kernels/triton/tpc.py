@@ -27,6 +27,7 @@ import os
 import torch
 import triton
 
+from . import _alloc
 from . import tpc_kernels as K
 
 __all__ = [
@@ -190,7 +191,7 @@ def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, 
 def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: bool) -> torch.Tensor:
     """x (B, N, C) -> (B, N) float32: log rho (log=True) or rho. One launch."""
     p = _Points("knn_density", x)
-    out = torch.empty((p.B, p.N), dtype=torch.float32, device=x.device)
+    out = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
     if p.B == 0 or p.N == 0:
         return out
     _density(p, token_mask, int(k), out, None, want_dens=True, want_max=False, log=bool(log))
@@ -201,11 +202,11 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     """x (B, N, C), density (B, N) (rho or log rho, any float dtype) -> (delta (B, N) float32,
     parent (B, N) int64). Two launches: the largest real distance per row, then the delta sweep."""
     p = _Points("dpc_delta", x)
-    delta = torch.empty((p.B, p.N), dtype=torch.float32, device=x.device)
-    parent = torch.empty((p.B, p.N), dtype=torch.long, device=x.device)
+    delta = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
+    parent = _alloc.empty((p.B, p.N), dtype=torch.long, device=x.device)
     if p.B == 0 or p.N == 0:
         return delta, parent
-    rowmax = torch.empty((p.B, p.N), dtype=torch.float32, device=x.device)
+    rowmax = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
     _density(p, token_mask, 1, None, rowmax, want_dens=False, want_max=True, log=True)
     _delta(p, density, token_mask, rowmax, delta, parent, score=False)
     return delta, parent
@@ -215,7 +216,7 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool, exclude: torch.Tensor
     """score (B, N) -> index (B, f) int64: ascending (sorted) or best first. One launch."""
     _check_dtype("topf_select", score, "score")
     B, N = score.shape
-    index = torch.empty((B, int(f)), dtype=torch.long, device=score.device)
+    index = _alloc.empty((B, int(f)), dtype=torch.long, device=score.device)
     if B == 0 or f == 0:
         return index
     ex = None if exclude is None else exclude.to(device=score.device, dtype=torch.long).reshape(B)
@@ -234,15 +235,15 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
     p = _Points("dpc_knn", x)
     B, N = p.B, p.N
     f = int(f)
-    index = torch.empty((B, f), dtype=torch.long, device=x.device)
-    asg = torch.empty((B, N if return_assignment else 0), dtype=torch.long, device=x.device)
+    index = _alloc.empty((B, f), dtype=torch.long, device=x.device)
+    asg = _alloc.empty((B, N if return_assignment else 0), dtype=torch.long, device=x.device)
     if B == 0 or N == 0 or f == 0:
         return index, asg
     c = -1 if center is None else int(center)
     n_pick = f - 1 if (c >= 0 and keep_center) else f
-    log_rho = torch.empty((B, N), dtype=torch.float32, device=x.device)
-    rowmax = torch.empty_like(log_rho)
-    score = torch.empty_like(log_rho)
+    log_rho = _alloc.empty((B, N), dtype=torch.float32, device=x.device)
+    rowmax = _alloc.empty_like(log_rho)
+    score = _alloc.empty_like(log_rho)
     _density(p, token_mask, int(k), log_rho, rowmax, want_dens=True, want_max=True, log=True)
     _delta(p, log_rho, token_mask, rowmax, score, None, score=True)
     _select(score, token_mask, None, c, bool(keep_center), bool(sorted), f, n_pick, index,
@@ -259,7 +260,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     _check_dtype("pairwise_distance", x)
     B, N, C = x.shape
     M = N if y is None else y.shape[1]
-    out = torch.empty((B, N, M), dtype=x.dtype, device=x.device)
+    out = _alloc.empty((B, N, M), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     if y is not None and y.dtype != x.dtype:
@@ -285,11 +286,11 @@ def pairwise_distance_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Ten
     None: grad_x then holds both roles of x). W = grad / (C * D), 0 where D == 0."""
     _check_dtype("pairwise_distance_backward", x)
     B, N, C = x.shape
-    gx = torch.empty((B, N, C), dtype=x.dtype, device=x.device)
+    gx = _alloc.empty((B, N, C), dtype=x.dtype, device=x.device)
     if y is None:
         _pd_bwd(gx, x, x, x, grad, dist, sym=True, transpose=False)
         return gx, x.new_empty((0,))
-    gy = torch.empty(tuple(y.shape), dtype=y.dtype, device=y.device)
+    gy = _alloc.empty(tuple(y.shape), dtype=y.dtype, device=y.device)
     _pd_bwd(gx, x, y, x, grad, dist, sym=False, transpose=False)
     _pd_bwd(gy, y, x, x, grad, dist, sym=False, transpose=True)
     return gx, gy
@@ -329,7 +330,7 @@ def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor 
     the joints). One launch."""
     B, Fr, J, C = x.shape
     f = index.shape[1]
-    out = torch.empty((B, f, J, C), dtype=x.dtype, device=x.device)
+    out = _alloc.empty((B, f, J, C), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
     if pos_embed is not None:
@@ -357,7 +358,7 @@ def gather_frames_backward(grad: torch.Tensor, index: torch.Tensor, num_frames: 
         gp = grad.new_empty((0,))
         mode = 0
     else:
-        gp = torch.empty((int(pos_batch), f, C), dtype=grad.dtype, device=grad.device)
+        gp = _alloc.empty((int(pos_batch), f, C), dtype=grad.dtype, device=grad.device)
         mode = 2 if pos_batch == 1 else 1
         if pos_batch == 1 and (B == 0 or J == 0):
             gp.zero_()

@@ -80,6 +80,7 @@ import os
 import torch
 import torch.nn.functional as F
 
+from . import _alloc
 from . import tra_kernels as K
 
 __all__ = ["token_recovering_attention", "token_recovering_attention_backward"]
@@ -272,12 +273,12 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
     res = query if residual else None
     cfg = _configs(x.dtype, D, C, L, M)
     Q, KV, _ = _project(query, x, wq, bq, wk, bk, wv, bv)
-    lse = torch.empty((S, H, L), dtype=torch.float32, device=x.device)
-    out = torch.empty((S, L, C), dtype=x.dtype, device=x.device)
+    lse = _alloc.empty((S, H, L), dtype=torch.float32, device=x.device)
+    out = _alloc.empty((S, L, C), dtype=x.dtype, device=x.device)
     if cfg["fuse"]:
         _launch_attention(cfg, Q, KV, out, lse, L=L, M=M, C=C, H=H, D=D, scale=scale, wo=wo, bo=bo, res=res)
     else:
-        o = torch.empty((S, L, C), dtype=x.dtype, device=x.device)
+        o = _alloc.empty((S, L, C), dtype=x.dtype, device=x.device)
         _launch_attention(cfg, Q, KV, o, lse, L=L, M=M, C=C, H=H, D=D, scale=scale)
         _launch_out_proj(cfg, o, wo, bo, res, out, L)
     return [out, lse]
@@ -305,16 +306,16 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
     dO = torch.mm(G2, wo).view(S, L, C)  # out = o Wo^T  ->  dO = grad_out Wo
 
     # o with a ones column appended: grad_out^T [o | 1] gives d_wo and d_bo in one GEMM.
-    o_aug = torch.empty((S, L, C + _O_PAD), dtype=dtype, device=dev)
+    o_aug = _alloc.empty((S, L, C + _O_PAD), dtype=dtype, device=dev)
     o_aug[..., C] = 1
     o_aug[..., C + 1:] = 0
-    delta = torch.empty((S, H, L), dtype=torch.float32, device=dev)
-    dKV = torch.empty((S, M, 2 * C), dtype=dtype, device=dev)
+    delta = _alloc.empty((S, H, L), dtype=torch.float32, device=dev)
+    dKV = _alloc.empty((S, M, 2 * C), dtype=dtype, device=dev)
     n_mc = cfg["n_mc"]
     fused = n_mc == 1
     has_db = bk is not None or bv is not None
-    dbkv = torch.empty((S, n_mc, 2 * C), dtype=torch.float32, device=dev) if has_db else delta
-    dQ = None if shared else torch.empty((S, L, C), dtype=dtype, device=dev)
+    dbkv = _alloc.empty((S, n_mc, 2 * C), dtype=torch.float32, device=dev) if has_db else delta
+    dQ = None if shared else _alloc.empty((S, L, C), dtype=dtype, device=dev)
     prec = _prec(dtype)
     qk_scale = scale * _LOG2E
     stride_qs = 0 if shared else L * C
@@ -341,8 +342,8 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
             n_chunks = max(1, min(S, _cdiv(int(DQ_TARGET_PROGRAMS), n_lb * H)))
             chunk = _cdiv(S, n_chunks)
             n_chunks = _cdiv(S, chunk)
-            dq_part = torch.empty((n_chunks, L, C), dtype=torch.float32, device=dev)
-            r_part = torch.empty((n_chunks, L, C), dtype=torch.float32, device=dev) if residual else None
+            dq_part = _alloc.empty((n_chunks, L, C), dtype=torch.float32, device=dev)
+            r_part = _alloc.empty((n_chunks, L, C), dtype=torch.float32, device=dev) if residual else None
         else:
             chunk, n_chunks, dq_part = 1, S, dQ
         K._tra_bwd_dq_kernel[(n_lb * H * n_chunks,)](
