@@ -2,18 +2,24 @@
 
 ``cluster_dpc_knn`` and ``cluster_dpc_knn_center`` replace the functions of the same names in the
 published model files (HoT's MixSTE/MotionBERT/MotionAGFormer TPC, and the center-forcing
-TPC-MixSTE/MHFormer variants), running on the selected hot_kernels backend. Differences from the
+TPC-MixSTE/MHFormer variants), running on the selected hot_kernels backend. ``CrossAttention``
+replaces the published cross-attention module of TRA (same constructor, parameter names and
+``forward(x_1, x_2, x_3)``), so a published checkpoint loads into it unchanged. Differences from the
 published code, by design (DESIGN.md): ties are broken deterministically (lower index first)
 instead of by U(0, 1e-6) noise, densities are ordered in log space, and the densest token's delta
 is the largest distance between *real* tokens.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
+from torch import nn
 
-from .functional import _dpc_knn
+from . import reference
+from .functional import _dpc_knn, token_recovering_attention
 
-__all__ = ["cluster_dpc_knn", "cluster_dpc_knn_center"]
+__all__ = ["cluster_dpc_knn", "cluster_dpc_knn_center", "CrossAttention"]
 
 
 def _as_bool_mask(token_mask):
@@ -40,3 +46,63 @@ def cluster_dpc_knn_center(x, cluster_num, k, center, token_mask=None, *, backen
     all of that in one call)."""
     return _dpc_knn("cluster_dpc_knn_center", x, cluster_num, k, _as_bool_mask(token_mask), center, True,
                     sorted=False, keep_center=False, backend=backend)
+
+
+class CrossAttention(nn.Module):
+    """The published TRA cross-attention: ``forward(x_1, x_2, x_3)`` -> (S, L, C) =
+    proj(softmax(q k^T * scale) v) with q = linear_q(x_1) (x_1: (1 or S, L, C), e.g. the learnable
+    x_token, expanded or not), k = linear_k(x_2), v = linear_v(x_3) (x_2, x_3: (S, M, C)). No
+    residual: the published model adds ``x_token +`` itself.
+
+    Runs as one fused hot_kernels op when x_2 and x_3 are the same tensor (every published model
+    calls ``cross_attention(x_token, x, x)``); a query that is a stride-0 broadcast view is
+    projected once. Distinct x_2 and x_3, or dropout p > 0 while training, run the plain PyTorch
+    path (the latter with a warning: the fused kernels implement p = 0, what every published
+    model uses).
+    """
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, length: int = 27):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"{type(self).__name__}: num_heads = {num_heads} must divide dim = {dim}")
+        self.dim, self.num_heads, self.length = dim, num_heads, length
+        self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
+        self.linear_q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.linear_k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.linear_v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _weights(self):
+        return (self.linear_q.weight, self.linear_q.bias, self.linear_k.weight, self.linear_k.bias,
+                self.linear_v.weight, self.linear_v.bias, self.proj.weight, self.proj.bias)
+
+    def attention(self, query: torch.Tensor, x: torch.Tensor, residual: bool) -> torch.Tensor:
+        """(query (1 or S, L, C), x (S, M, C)) -> (S, L, C), plus query when residual."""
+        p_attn, p_proj = self.attn_drop.p, self.proj_drop.p
+        if self.training and (p_attn > 0 or p_proj > 0):
+            warnings.warn(f"{type(self).__name__}: dropout > 0 runs the reference path (the fused kernels "
+                          "implement p = 0)", stacklevel=3)
+            return reference.token_recovering_attention(query, x, *self._weights(), self.num_heads, self.scale,
+                                                        residual, p_attn, p_proj, training=True)
+        return token_recovering_attention(query, x, *self._weights(), self.num_heads, self.scale, residual)
+
+    def forward(self, x_1: torch.Tensor, x_2: torch.Tensor, x_3: torch.Tensor) -> torch.Tensor:
+        if x_2 is x_3:
+            return self.attention(x_1, x_2, residual=False)
+        return self._unfused(x_1, x_2, x_3)
+
+    def _unfused(self, x_1, x_2, x_3):
+        """The published computation, for keys and values from different tensors."""
+        S, M, C = x_2.shape
+        L, H = x_1.shape[1], self.num_heads
+        q = self.linear_q(x_1.expand(S, L, C)).reshape(S, L, H, C // H).transpose(1, 2)
+        k = self.linear_k(x_2).reshape(S, M, H, C // H).transpose(1, 2)
+        v = self.linear_v(x_3).reshape(S, M, H, C // H).transpose(1, 2)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(S, L, C)))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_heads={self.num_heads}"

@@ -123,3 +123,44 @@ def test_example_model_matches_reference_path(backend):
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=atol)
     for n in ref_grads:
         torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-3, atol=atol, msg=lambda m: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + BACKENDS)
+@pytest.mark.parametrize("query_kind", ["expanded", "shared", "per-sequence"])
+def test_compat_cross_attention_is_the_published_module(backend, query_kind):
+    torch.manual_seed(2)
+    dtype, fwd_tol, bwd_tol = precision(backend)
+    S, L, M, C, H = 5, 27, 9, 32, 4
+    published = PublishedCrossAttention(C, H).to(dtype)
+    ours = hk.compat.CrossAttention(C, num_heads=H, qkv_bias=False, qk_scale=None, attn_drop=0.0, proj_drop=0.0,
+                                    length=L).to(dtype)
+    missing, unexpected = ours.load_state_dict(published.state_dict(), strict=True)
+    assert not missing and not unexpected
+    x_token = torch.randn(1 if query_kind != "per-sequence" else S, L, C, dtype=dtype, requires_grad=True)
+    x = torch.randn(S, M, C, dtype=dtype, requires_grad=True)
+
+    def query(t):  # what the published models pass: x_token.expand / einops.repeat (stride 0)
+        return t.expand(S, L, C) if query_kind == "expanded" else t
+
+    with hk.use_backend(backend):
+        out = ours(query(x_token), x, x)  # one tensor for keys and values: the fused op
+    want = published(x_token.expand(S, L, C), x, x)
+    torch.testing.assert_close(out, want, **fwd_tol)
+    g = torch.randn_like(out)
+    got_grads = torch.autograd.grad(out, [x_token, x, *ours.parameters()], g)
+    want_grads = torch.autograd.grad(want, [x_token, x, *published.parameters()], g)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, **bwd_tol)
+    y = torch.randn(S, M, C, dtype=dtype)  # keys and values from different tensors: the plain path
+    torch.testing.assert_close(ours(query(x_token), x, y), published(x_token.expand(S, L, C), x, y), **fwd_tol)
+
+
+def test_compat_cross_attention_dropout_warns_in_training_only():
+    attn = hk.compat.CrossAttention(16, num_heads=2, attn_drop=0.1, proj_drop=0.1).train()
+    q, x = torch.randn(1, 5, 16), torch.randn(3, 4, 16)
+    with pytest.warns(UserWarning, match="dropout > 0 runs the reference path"):
+        assert attn(q, x, x).shape == (3, 5, 16)
+    attn.eval()
+    torch.testing.assert_close(attn(q, x, x), attn._unfused(q, x, x.clone()))
+    with pytest.raises(ValueError, match="num_heads = 3 must divide dim = 16"):
+        hk.compat.CrossAttention(16, num_heads=3)
