@@ -1,7 +1,8 @@
 """Every backend that runs on this machine against the reference backend (the oracle).
 
 Fresh random inputs per case; outputs poisoned before the kernels run (the ops allocate their
-own outputs: the Triton wrappers fill them with NaN / -2^62 under HOT_KERNELS_POISON=1, which
+own outputs: torch's fill_uninitialized_memory makes every at::empty NaN while a test runs, and
+the Triton wrappers fill theirs with NaN / -2^62 under HOT_KERNELS_POISON=1, which
 tests/conftest.py sets), and every call is checked on full shape and on every element; tolerances
 per dtype from TOL; selections compared exactly in float64 and tie-aware otherwise
 (tests/selection.py proves a differing pick was a near-tie). Targets are (backend, device) pairs:
@@ -59,6 +60,22 @@ def _targets():
     if torch.cuda.is_available():
         found += [Target(b, "cuda") for b in ("cuda", "triton") if hk.available_backends("cuda")[b] is None]
     return found
+
+
+@pytest.fixture(autouse=True)
+def poison_uninitialised_memory():
+    """Every torch.empty / at::empty made while a test runs comes back filled with NaN (integers:
+    their largest value), so an output element a kernel never writes cannot pass by luck: the
+    C++ backends' outputs included (the Triton wrappers poison theirs too, tests/conftest.py)."""
+    import torch.utils.deterministic as det
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    det.fill_uninitialized_memory = saved[2]
 
 
 BACKENDS = _targets()
