@@ -80,7 +80,8 @@ def _toolchain_problem():
         return "ninja is not installed (torch.utils.cpp_extension.load needs it)"
     if not any(os.path.exists(os.path.join(p, "torch", "library.h")) for p in ce.include_paths()):
         return "this torch ships no C++ headers (torch/library.h)"
-    probe = "template <typename F> void f(F g) { g.template operator()<int>(); }\nint main() { f([]<typename T>() {}); }\n"
+    probe = ("template <typename F> void f(F g) { g.template operator()<int>(); }\n"
+             "int main() { f([]<typename T>() {}); }\n")
     proc = subprocess.run([cxx, "-std=c++20", "-fsyntax-only", "-x", "c++", "-"], input=probe, text=True,
                           capture_output=True)
     if proc.returncode != 0:
@@ -113,12 +114,14 @@ def emu(tmp_path_factory):
         ce.load(name="hot_kernels_tra_emu", sources=[os.path.join(EMU_DIR, "tra_ext.cpp")],
                 extra_cflags=flags, extra_ldflags=ldflags, extra_include_paths=[CSRC, EMU_DIR],
                 build_directory=str(build), verbose=False, is_python_module=False)
+        return torch.ops.hot_kernels_tra_emu
     except (RuntimeError, OSError) as e:
         log = str(e)
-        if _environmental(log):
-            pytest.skip(f"CUDA emulation not built (toolchain problem, not our sources): {log[-1500:]}")
-        pytest.fail(f"the CUDA sources do not compile under TRA_EMULATE:\n{log[-6000:]}", pytrace=False)
-    return torch.ops.hot_kernels_tra_emu
+    if _environmental(log):
+        pytest.skip(f"CUDA emulation not built (toolchain problem, not our sources): {log[-1500:]}")
+    errors = [line for line in log.splitlines() if re.search(r":\d+:\d+: (fatal )?error", line)]
+    pytest.fail("the CUDA sources do not compile under TRA_EMULATE:\n" + "\n".join(errors[:30])
+                + f"\n---- end of the build log ----\n{log[-3000:]}", pytrace=False)
 
 
 @pytest.fixture
@@ -130,7 +133,7 @@ def poison_empty():
     old_alg, old_warn, old_fill = (torch.are_deterministic_algorithms_enabled(),
                                    torch.is_deterministic_algorithms_warn_only_enabled(),
                                    det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # for the fill only: warn, never raise
     det.fill_uninitialized_memory = True
     yield
     det.fill_uninitialized_memory = old_fill

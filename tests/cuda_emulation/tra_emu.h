@@ -37,6 +37,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -71,9 +72,14 @@ inline const char* kind_name(Kind k) {
 
 struct Aborted {};  // unwinds the threads of a block that failed
 
+// A launch's state: its threads run the blocks one after another (the same std::threads for every
+// block of the launch), `index` counting the blocks done.
 struct Block {
   int n = 0;
-  int64_t bid = 0;
+  const std::vector<int64_t>* order = nullptr;  // block ids in the order they run
+  size_t index = 0;                             // position in `order` of the block now running
+  int64_t bid = 0;                              // = (*order)[index]
+  size_t smem_bytes = 0;
   unsigned char* smem = nullptr;
   std::mutex mu;
   std::vector<std::unique_ptr<std::condition_variable>> cv;
@@ -118,6 +124,27 @@ inline void fail(Block& b, const std::string& why) {
   for (auto& c : b.cv) c->notify_one();
 }
 
+// With the lock held: make block `index` of the launch the running one (fresh scheduler state and
+// shared memory poison) and wake its first thread; past the last block, wake every thread to exit.
+inline void start_block(Block& b, size_t index) {
+  b.index = index;
+  if (index >= b.order->size()) {
+    b.current = -1;
+    for (auto& c : b.cv) c->notify_one();
+    return;
+  }
+  ++g_stats.blocks;
+  b.bid = (*b.order)[index];
+  b.rng.seed(g_seed * 1000003ull + static_cast<uint64_t>(b.bid));
+  if (b.smem_bytes > 0) std::memset(b.smem, 0xFF, b.smem_bytes);
+  b.state.assign(b.n, 0);
+  b.block_waiters.clear();
+  for (auto& w : b.warp_waiters) w.clear();
+  b.xhalf.assign(b.n, 0);
+  b.current = pick_next(b);
+  b.cv[b.current]->notify_one();
+}
+
 // Thread `me` (lock held, own state already updated) hands the CPU to the next runnable thread and,
 // unless it has finished, waits for its turn again.
 inline void switch_away(Block& b, std::unique_lock<std::mutex>& lk, int me) {
@@ -131,7 +158,7 @@ inline void switch_away(Block& b, std::unique_lock<std::mutex>& lk, int me) {
         return;
       }
     }
-    b.current = -1;  // every thread has finished
+    start_block(b, b.index + 1);  // every thread has finished this block
     return;
   }
   b.current = nxt;
@@ -183,65 +210,69 @@ inline void launch(int64_t blocks, int threads, size_t smem_bytes, const std::fu
     std::mt19937_64 rng(g_seed * 0x9E3779B97F4A7C15ull + static_cast<uint64_t>(g_stats.launches));
     std::shuffle(order.begin(), order.end(), rng);
   }
-  for (const int64_t bid : order) {
-    ++g_stats.blocks;
-    Block b;
-    b.n = threads;
-    b.bid = bid;
-    b.policy = g_policy;
-    b.rng.seed(g_seed * 1000003ull + static_cast<uint64_t>(bid));
-    std::unique_ptr<unsigned char, decltype(&std::free)> smem(nullptr, &std::free);
-    if (smem_bytes > 0) {
-      void* p = nullptr;
-      if (posix_memalign(&p, 16, smem_bytes) != 0) throw std::bad_alloc();
-      smem.reset(static_cast<unsigned char*>(p));
-      std::memset(p, 0xFF, smem_bytes);
-      b.smem = smem.get();
-    }
-    const int warps = (threads + kWarpSize - 1) / kWarpSize;
-    for (int i = 0; i < threads; ++i) b.cv.emplace_back(new std::condition_variable());
-    b.state.assign(threads, 0);
-    b.warp_waiters.resize(warps);
-    b.warp_kind.assign(warps, Kind::kSyncwarp);
-    b.xbuf.assign(warps, std::vector<uint32_t>(2 * kWarpSize * kSlots, 0));
-    b.xhalf.assign(threads, 0);
-    std::vector<std::thread> th;
-    th.reserve(threads);
-    for (int i = 0; i < threads; ++i) {
-      th.emplace_back([&b, &fn, i] {
-        tl_block = &b;
-        tl_tid = i;
-        try {
-          {
-            std::unique_lock<std::mutex> lk(b.mu);
-            b.cv[i]->wait(lk, [&] { return b.current == i || b.failed; });
-            if (b.failed) throw Aborted{};
-          }
-          fn();
-        } catch (const Aborted&) {
-        } catch (const std::exception& e) {
-          std::unique_lock<std::mutex> lk(b.mu);
-          fail(b, std::string("tra_emu: thread ") + std::to_string(i) + " of block " + std::to_string(b.bid) +
-                      " threw: " + e.what());
-        }
-        std::unique_lock<std::mutex> lk(b.mu);
-        b.state[i] = 2;
-        if (!b.failed) {
-          try {
-            switch_away(b, lk, i);
-          } catch (const Aborted&) {
-          }
-        }
-      });
-    }
-    {
-      std::unique_lock<std::mutex> lk(b.mu);
-      b.current = pick_next(b);
-      b.cv[b.current]->notify_one();
-    }
-    for (auto& t : th) t.join();
-    if (b.failed) throw std::runtime_error(b.error);
+  if (blocks <= 0) return;
+  Block b;
+  b.n = threads;
+  b.order = &order;
+  b.policy = g_policy;
+  b.smem_bytes = smem_bytes;
+  std::unique_ptr<unsigned char, decltype(&std::free)> smem(nullptr, &std::free);
+  if (smem_bytes > 0) {
+    void* p = nullptr;
+    if (posix_memalign(&p, 16, smem_bytes) != 0) throw std::bad_alloc();
+    smem.reset(static_cast<unsigned char*>(p));
+    b.smem = smem.get();
   }
+  const int warps = (threads + kWarpSize - 1) / kWarpSize;
+  for (int i = 0; i < threads; ++i) b.cv.emplace_back(new std::condition_variable());
+  b.state.assign(threads, 2);
+  b.warp_waiters.resize(warps);
+  b.warp_kind.assign(warps, Kind::kSyncwarp);
+  b.xbuf.assign(warps, std::vector<uint32_t>(2 * kWarpSize * kSlots, 0));
+  b.xhalf.assign(threads, 0);
+  auto worker = [&b, &fn](int i) {
+    tl_block = &b;
+    tl_tid = i;
+    std::unique_lock<std::mutex> lk(b.mu);
+    for (size_t k = 0;; ++k) {  // k: the block this thread runs next
+      b.cv[i]->wait(lk, [&] { return b.failed || b.index >= b.order->size() || (b.index == k && b.current == i); });
+      if (b.failed || b.index >= b.order->size()) return;
+      lk.unlock();
+      try {
+        fn();
+        lk.lock();
+      } catch (const Aborted&) {
+        lk.lock();
+      } catch (const std::exception& e) {
+        lk.lock();
+        fail(b, std::string("tra_emu: thread ") + std::to_string(i) + " of block " + std::to_string(b.bid) +
+                    " threw: " + e.what());
+      }
+      if (b.failed) return;
+      b.state[i] = 2;
+      switch_away(b, lk, i);  // finished: hands over (or starts the next block) and returns
+    }
+  };
+  std::vector<std::thread> th;
+  th.reserve(threads);
+  for (int i = 0; i < threads; ++i) {
+    try {
+      th.emplace_back(worker, i);
+    } catch (const std::system_error& e) {  // e.g. a limit on threads per process
+      {
+        std::unique_lock<std::mutex> lk(b.mu);
+        fail(b, std::string("tra_emu: cannot start thread ") + std::to_string(i) + ": " + e.what());
+      }
+      for (auto& t : th) t.join();  // none has run yet: each wakes, sees the failure and exits
+      throw std::runtime_error(b.error);
+    }
+  }
+  {
+    std::unique_lock<std::mutex> lk(b.mu);
+    start_block(b, 0);
+  }
+  for (auto& t : th) t.join();
+  if (b.failed) throw std::runtime_error(b.error);
 }
 
 inline uint32_t fbits(float v) {
