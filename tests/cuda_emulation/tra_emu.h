@@ -1,16 +1,17 @@
 // CPU emulation of the device primitives used by csrc/cuda/tra_kernels.cuh, for builds with
 // -DTRA_EMULATE (see README.md beside this file for what is and is not emulated).
 //
-// A launch runs its blocks one after another, in an order given by the schedule policy. A block
-// runs with one std::thread per CUDA thread under a cooperative scheduler: exactly one thread runs
-// at a time, and it gives the CPU away only at a block barrier (tra_sync), a warp barrier
-// (tra_syncwarp) or a warp collective (tra_shfl_xor, tra_mma: each lane publishes its operands in
-// its warp's exchange buffer, waits at a warp barrier, then reads what it needs; the buffer has two
-// halves used alternately, so a lane already at its next collective cannot overwrite what a slower
-// lane still reads). Which runnable thread goes next is the policy: 0 lowest thread id first,
-// 1 highest first, 2 random (seeded); blocks run in ascending, descending or shuffled order
-// likewise. Code that is correct for every interleaving the CUDA execution model allows gives
-// bitwise the same results under every policy; a missing barrier usually does not.
+// A launch runs its blocks one after another, in an order given by the schedule policy, on one
+// std::thread per CUDA thread of a block (the same threads for every block of the launch). A block
+// runs under a cooperative scheduler: exactly one thread runs at a time, and it gives the CPU away
+// only at a block barrier (tra_sync), a warp barrier (tra_syncwarp) or a warp collective
+// (tra_shfl_xor, tra_mma: each lane publishes its operands in its warp's exchange buffer, waits at
+// a warp barrier, then reads what it needs; the buffer has two halves used alternately, so a lane
+// already at its next collective cannot overwrite what a slower lane still reads). Which runnable
+// thread goes next is the policy: 0 lowest thread id first, 1 highest first, 2 random (seeded);
+// blocks run in ascending, descending or shuffled order likewise. Code that is correct for every
+// interleaving the CUDA execution model allows gives bitwise the same results under every policy;
+// a missing barrier usually does not.
 //
 // Errors are C++ exceptions out of the launch (so a test fails, the process lives on):
 //  * a deadlock: no thread runnable while some have not finished (a barrier not reached by every
@@ -18,7 +19,8 @@
 //  * divergent warp collectives: lanes of one warp at different kinds of warp barrier at once
 //    (e.g. some lanes in an mma, others in a shuffle), which the hardware forbids (.sync.aligned).
 // Shared memory is malloc'd at exactly the launch's dynamic size (AddressSanitizer sees overflows)
-// and filled with 0xFF bytes, a NaN in float32, float16 and bfloat16: a read before a write shows.
+// and filled with 0xFF bytes before each block, a NaN in float32, float16 and bfloat16: a read
+// before a write (or of what an earlier block left) shows.
 #pragma once
 
 #include <c10/util/BFloat16.h>
