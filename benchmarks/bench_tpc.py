@@ -21,7 +21,6 @@ hot_kernels/_dispatch.py's CUDA_PREFERENCE is set from.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -29,7 +28,7 @@ import torch
 
 import hot_kernels as hk
 from hot_kernels import reference as R
-from hot_kernels.benchmark import Record, environment, time_fn
+from hot_kernels.benchmark import Record, environment, time_fn, write_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from selection import check_selection  # noqa: E402  (tie-aware: a differing pick only at a near-tie)
@@ -191,12 +190,7 @@ def main(argv=None):
     for (op, dtype), backend in sorted(fastest_per_op(records).items()):
         print(f"  {op:<24} {dtype:<9} {backend}")
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench_tpc.json"), "w") as fh:
-            json.dump({"environment": env, "records": [r.as_dict() for r in records]}, fh, indent=1)
-        with open(os.path.join(args.out, "command_tpc.txt"), "w") as fh:
-            fh.write("python " + " ".join(sys.argv) + "\n")
-        print(f"wrote {args.out}/bench_tpc.json")
+        write_results(args.out, "bench_tpc", env, records, "_tpc")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ DESIGN.md target: CPU dpc_knn at B=64, N=243, C=512, fp32, 2 threads >= 4x faste
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -16,7 +15,7 @@ import torch
 
 import hot_kernels as hk
 from hot_kernels import reference as R
-from hot_kernels.benchmark import Record, environment, time_fn
+from hot_kernels.benchmark import Record, environment, time_fn, write_results
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from selection import check_selection  # noqa: E402  (tie-aware: a differing pick only at a near-tie)
@@ -101,12 +100,7 @@ def main(argv=None):
     print(f"{env['device']}, {args.threads} threads, torch {env['torch']}, commit {env['git_commit']}")
     records = bench_dpc_knn(args.quick, args.repeat) + bench_tra(args.quick, args.repeat)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench.json"), "w") as fh:
-            json.dump({"environment": env, "records": [r.as_dict() for r in records]}, fh, indent=1)
-        with open(os.path.join(args.out, "command.txt"), "w") as fh:
-            fh.write("python " + " ".join(sys.argv) + "\n")
-        print(f"wrote {args.out}/bench.json")
+        write_results(args.out, "bench", env, records, "")
 
 
 if __name__ == "__main__":

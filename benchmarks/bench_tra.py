@@ -19,7 +19,6 @@ best of the three baselines.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ import torch.nn.functional as F
 
 import hot_kernels as hk
 from hot_kernels import reference as R
-from hot_kernels.benchmark import Record, environment, time_fn
+from hot_kernels.benchmark import Record, environment, time_fn, write_results
 
 BASELINES = ("reference", "sdpa", "torch.compile(reference)")
 
@@ -128,12 +127,7 @@ def main(argv=None):
     if a.sweep and "triton" in impls:
         sweep_triton_knobs(impls["triton"], args, grad_out, device, a.repeat)
     if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "bench_tra.json"), "w") as fh:
-            json.dump({"environment": env, "records": [r.as_dict() for r in records]}, fh, indent=1)
-        with open(os.path.join(a.out, "command_tra.txt"), "w") as fh:
-            fh.write("python " + " ".join(sys.argv) + "\n")
-        print(f"wrote {a.out}/bench_tra.json")
+        write_results(a.out, "bench_tra", env, records, "_tra")
 
 
 def sweep_triton_knobs(fn, args, grad_out, device, repeat):

@@ -7,9 +7,12 @@ time.perf_counter. Speed is only ever reported as ratios measured side by side i
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -103,3 +106,16 @@ class Record:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def write_results(out_dir: str, name: str, env: dict, records: list[Record], suffix: str = "") -> str:
+    """Record a run: ``out_dir/name.json`` (environment + one dict per record) and
+    ``out_dir/command{suffix}.txt`` (the command line that made it). Returns the JSON path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"{name}.json")
+    with open(path, "w") as fh:
+        json.dump({"environment": env, "records": [r.as_dict() for r in records]}, fh, indent=1)
+    with open(os.path.join(out_dir, f"command{suffix}.txt"), "w") as fh:
+        fh.write("python " + " ".join(sys.argv) + "\n")
+    print(f"wrote {path}")
+    return path
