@@ -6,7 +6,7 @@ attention (``token_recovering_attention``), on the ``reference`` (PyTorch), ``cp
 ``cuda`` and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
 """
 from . import _ops  # noqa: F401  (registers the torch.library ops)
-from . import compat, nn, reference
+from . import compat, nn, patch, reference
 from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
 from ._validate import HotKernelsInputError
 from .functional import (
@@ -28,6 +28,7 @@ __all__ = [
     "available_backends",
     "compat",
     "nn",
+    "patch",
     "dpc_delta",
     "dpc_knn",
     "knn_density",

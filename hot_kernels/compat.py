@@ -48,6 +48,30 @@ def cluster_dpc_knn_center(x, cluster_num, k, center, token_mask=None, *, backen
                     sorted=False, keep_center=False, backend=backend)
 
 
+def _weights(mod: nn.Module):
+    return (mod.linear_q.weight, mod.linear_q.bias, mod.linear_k.weight, mod.linear_k.bias,
+            mod.linear_v.weight, mod.linear_v.bias, mod.proj.weight, mod.proj.bias)
+
+
+def _dropout_p(mod: nn.Module, name: str) -> float:
+    drop = getattr(mod, name, None)
+    return float(getattr(drop, "p", 0.0)) if isinstance(drop, nn.Module) else 0.0
+
+
+def dropout_active(mod: nn.Module) -> bool:
+    """True when a cross-attention module would drop something now (training with p > 0)."""
+    return mod.training and (_dropout_p(mod, "attn_drop") > 0 or _dropout_p(mod, "proj_drop") > 0)
+
+
+def fused_cross_attention(mod: nn.Module, query: torch.Tensor, x: torch.Tensor, residual: bool) -> torch.Tensor:
+    """The fused TRA op with the weights of any module shaped like the published cross-attention
+    (``linear_q/linear_k/linear_v/proj`` linears, ``num_heads``, optional ``scale`` and
+    ``backend``): query (1 or S, L, C), x (S, M, C) -> (S, L, C) [+ query]. Dropout is not applied."""
+    scale = getattr(mod, "scale", None)
+    return token_recovering_attention(query, x, *_weights(mod), mod.num_heads, scale, residual,
+                                      backend=getattr(mod, "backend", None))
+
+
 class CrossAttention(nn.Module):
     """The published TRA cross-attention: ``forward(x_1, x_2, x_3)`` -> (S, L, C) =
     proj(softmax(q k^T * scale) v) with q = linear_q(x_1) (x_1: (1 or S, L, C), e.g. the learnable
@@ -62,8 +86,9 @@ class CrossAttention(nn.Module):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
-                 attn_drop: float = 0.0, proj_drop: float = 0.0, length: int = 27):
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, length: int = 27, *, backend: str | None = None):
         super().__init__()
+        self.backend = backend  # None: the usual choice (use_backend, HOT_KERNELS_BACKEND, device default)
         if dim % num_heads:
             raise ValueError(f"{type(self).__name__}: num_heads = {num_heads} must divide dim = {dim}")
         self.dim, self.num_heads, self.length = dim, num_heads, length
@@ -75,19 +100,14 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def _weights(self):
-        return (self.linear_q.weight, self.linear_q.bias, self.linear_k.weight, self.linear_k.bias,
-                self.linear_v.weight, self.linear_v.bias, self.proj.weight, self.proj.bias)
-
     def attention(self, query: torch.Tensor, x: torch.Tensor, residual: bool) -> torch.Tensor:
         """(query (1 or S, L, C), x (S, M, C)) -> (S, L, C), plus query when residual."""
-        p_attn, p_proj = self.attn_drop.p, self.proj_drop.p
-        if self.training and (p_attn > 0 or p_proj > 0):
+        if dropout_active(self):
             warnings.warn(f"{type(self).__name__}: dropout > 0 runs the reference path (the fused kernels "
                           "implement p = 0)", stacklevel=3)
-            return reference.token_recovering_attention(query, x, *self._weights(), self.num_heads, self.scale,
-                                                        residual, p_attn, p_proj, training=True)
-        return token_recovering_attention(query, x, *self._weights(), self.num_heads, self.scale, residual)
+            return reference.token_recovering_attention(query, x, *_weights(self), self.num_heads, self.scale,
+                                                        residual, self.attn_drop.p, self.proj_drop.p, training=True)
+        return fused_cross_attention(self, query, x, residual)
 
     def forward(self, x_1: torch.Tensor, x_2: torch.Tensor, x_3: torch.Tensor) -> torch.Tensor:
         if x_2 is x_3:

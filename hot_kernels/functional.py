@@ -159,6 +159,10 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
     k = V.integer(op, "k", k, 1, Fr, f" (neighbours among the F = {Fr} frames)")
     if pos_embed is not None:
         V.tensor(op, "pos_embed", pos_embed, "(1, f, C)", ndim=3)
+        if _autocast_dtype(x) is not None and pos_embed.dtype != x.dtype:
+            # Under autocast x may come out of a Linear in the autocast dtype while pos_embed is a
+            # float32 parameter; the published ``x += pos_embed`` keeps x's dtype, and so do we.
+            pos_embed = pos_embed.to(x.dtype)
         V.same_device(op, "x", x, pos_embed=pos_embed)
         if pos_embed.shape[0] not in (1, B) or pos_embed.shape[2] != C:
             V.fail(op, f"pos_embed must be (1, f, C) or (B, f, C) with C = {C}, got {tuple(pos_embed.shape)}")
@@ -175,6 +179,14 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
     return x_kept, index
 
 
+def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype for t's device if autocast is on there, else None."""
+    device_type = t.device.type
+    if device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
 def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads: int, scale: float | None = None,
                                residual: bool = True, *, backend: str | None = None) -> torch.Tensor:
     """TRA: query (1 or S, L, C) learnable tokens, x (S, M, C) kept tokens -> (S, L, C).
@@ -183,8 +195,14 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
     K = x wk^T + bk, V = x wv^T + bv (nn.Linear layout; biases may be None); out = concat
     wo^T + bo, plus query when residual. scale defaults to d ** -0.5. A shared query (leading
     dim 1) is projected once, and its gradient is the sum over the S sequences. Differentiable in
-    every input."""
+    every input. Under autocast every float input is cast to the autocast dtype first, as
+    nn.Linear and matmul would be (the op then runs, and returns, in that dtype)."""
     op = "token_recovering_attention"
+    cast = _autocast_dtype(x) if isinstance(x, torch.Tensor) else None
+    if cast is not None:
+        query, x, wq, bq, wk, bk, wv, bv, wo, bo = (
+            t.to(cast) if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in (query, x, wq, bq, wk, bk, wv, bv, wo, bo))
     weights = dict(wq=wq, bq=bq, wk=wk, bk=bk, wv=wv, bv=bv, wo=wo, bo=bo)
     num_heads, scale = V.tra_inputs(op, query, x, weights, num_heads, scale)
     V.boolean(op, "residual", residual)

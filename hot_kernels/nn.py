@@ -24,15 +24,18 @@ class TokenPruningCluster(nn.Module):
         center: a frame index always kept (the seq2frame "TPC-*" models), or None.
         embed_dim: if given, a learnable positional embedding (1, f, embed_dim) is added to the
             kept frames, broadcast over joints (zero-initialised).
+        backend: the hot_kernels backend for every call ("reference" is plain PyTorch), or None
+            for the usual choice (``use_backend``, ``HOT_KERNELS_BACKEND``, device default).
     """
 
-    def __init__(self, f: int, k: int = 2, center: int | None = None, embed_dim: int | None = None):
+    def __init__(self, f: int, k: int = 2, center: int | None = None, embed_dim: int | None = None, *,
+                 backend: str | None = None):
         super().__init__()
-        self.f, self.k, self.center = f, k, center
+        self.f, self.k, self.center, self.backend = f, k, center, backend
         self.pos_embed = nn.Parameter(torch.zeros(1, f, embed_dim)) if embed_dim else None
 
     def forward(self, x: torch.Tensor):
-        return F.token_pruning_cluster(x, self.f, self.k, self.center, self.pos_embed)
+        return F.token_pruning_cluster(x, self.f, self.k, self.center, self.pos_embed, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"f={self.f}, k={self.k}, center={self.center}, pos_embed={self.pos_embed is not None}"
@@ -51,8 +54,9 @@ class TokenRecoveringAttention(CrossAttention):
     """
 
     def __init__(self, dim: int, num_heads: int = 8, length: int = 243, qkv_bias: bool = False,
-                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0):
-        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, length)
+                 qk_scale: float | None = None, attn_drop: float = 0.0, proj_drop: float = 0.0, *,
+                 backend: str | None = None):
+        super().__init__(dim, num_heads, qkv_bias, qk_scale, attn_drop, proj_drop, length, backend=backend)
         self.x_token = nn.Parameter(torch.zeros(1, length, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
