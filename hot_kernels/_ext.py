@@ -23,13 +23,11 @@ except ImportError as e:  # not built, or built against another torch
         stacklevel=2,
     )
 
-_OPS: dict[str, frozenset[str]] = {}
+# Read once at import, not on first use: torch.compile cannot trace into the pybind call, so a
+# first hot_kernels call inside a compiled region would otherwise break the graph.
+_OPS: dict[str, frozenset[str]] = {} if C is None else {d: frozenset(C.ops_for_device(d)) for d in ("cpu", "cuda")}
 
 
 def ops_for_device(device: str) -> frozenset[str]:
     """Names of the ops this build of _C implements for a device type ("cpu" or "cuda")."""
-    if C is None:
-        return frozenset()
-    if device not in _OPS:
-        _OPS[device] = frozenset(C.ops_for_device(device))
-    return _OPS[device]
+    return _OPS.get(device, frozenset())

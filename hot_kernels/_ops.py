@@ -22,6 +22,14 @@ from .reference import compute_dtype
 LIB = "hot_kernels"
 
 
+def _no_autocast(t: Tensor):
+    """Autocast off while a kernel runs. The op's inputs already have their final dtype (under
+    autocast hot_kernels.functional casts TRA's inputs like nn.Linear would); the GEMMs inside the
+    C++ and Triton wrappers must not be re-cast, or they would return bfloat16 into float32
+    buffers (and the selections would lose precision)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _kernels(backend: str):
     """The module holding ``backend``'s kernel entry points (same function names for each)."""
     if backend in ("cpu", "cuda"):
@@ -38,7 +46,8 @@ def _kernels(backend: str):
 
 @torch.library.custom_op(f"{LIB}::pairwise_distance", mutates_args=())
 def pairwise_distance(x: Tensor, y: Optional[Tensor], backend: str) -> Tensor:
-    return _kernels(backend).pairwise_distance(x, y)
+    with _no_autocast(x):
+        return _kernels(backend).pairwise_distance(x, y)
 
 
 @pairwise_distance.register_fake
@@ -49,7 +58,8 @@ def _(x, y, backend):
 @torch.library.custom_op(f"{LIB}::pairwise_distance_backward", mutates_args=())
 def pairwise_distance_backward(grad: Tensor, x: Tensor, y: Optional[Tensor], dist: Tensor,
                                backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_kernels(backend).pairwise_distance_backward(grad, x, y, dist))
+    with _no_autocast(grad):
+        return tuple(_kernels(backend).pairwise_distance_backward(grad, x, y, dist))
 
 
 @pairwise_distance_backward.register_fake
@@ -78,7 +88,8 @@ pairwise_distance.register_autograd(_pd_backward, setup_context=_pd_setup)
 
 @torch.library.custom_op(f"{LIB}::knn_density", mutates_args=())
 def knn_density(x: Tensor, k: int, token_mask: Optional[Tensor], log: bool, backend: str) -> Tensor:
-    return _kernels(backend).knn_density(x, k, token_mask, log)
+    with _no_autocast(x):
+        return _kernels(backend).knn_density(x, k, token_mask, log)
 
 
 @knn_density.register_fake
@@ -88,7 +99,8 @@ def _(x, k, token_mask, log, backend):
 
 @torch.library.custom_op(f"{LIB}::dpc_delta", mutates_args=())
 def dpc_delta(x: Tensor, density: Tensor, token_mask: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_kernels(backend).dpc_delta(x, density, token_mask))
+    with _no_autocast(x):
+        return tuple(_kernels(backend).dpc_delta(x, density, token_mask))
 
 
 @dpc_delta.register_fake
@@ -98,7 +110,8 @@ def _(x, density, token_mask, backend):
 
 @torch.library.custom_op(f"{LIB}::topf_select", mutates_args=())
 def topf_select(score: Tensor, f: int, sorted: bool, exclude: Optional[Tensor], backend: str) -> Tensor:
-    return _kernels(backend).topf_select(score, f, sorted, exclude)
+    with _no_autocast(score):
+        return _kernels(backend).topf_select(score, f, sorted, exclude)
 
 
 @topf_select.register_fake
@@ -109,7 +122,8 @@ def _(score, f, sorted, exclude, backend):
 @torch.library.custom_op(f"{LIB}::dpc_knn", mutates_args=())
 def dpc_knn(x: Tensor, f: int, k: int, token_mask: Optional[Tensor], center: Optional[int], keep_center: bool,
             sorted: bool, return_assignment: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_kernels(backend).dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment))
+    with _no_autocast(x):
+        return tuple(_kernels(backend).dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment))
 
 
 @dpc_knn.register_fake
@@ -125,7 +139,8 @@ def _(x, f, k, token_mask, center, keep_center, sorted, return_assignment, backe
 @torch.library.custom_op(f"{LIB}::gather_frames", mutates_args=())
 def gather_frames(x: Tensor, index: Tensor, pos_embed: Optional[Tensor], backend: str) -> Tensor:
     """x (B, F, J, C), index (B, f) -> (B, f, J, C) = x[b, index[b, t]] (+ pos_embed (1|B, f, C))."""
-    return _kernels(backend).gather_frames(x, index, pos_embed)
+    with _no_autocast(x):
+        return _kernels(backend).gather_frames(x, index, pos_embed)
 
 
 @gather_frames.register_fake
@@ -137,7 +152,8 @@ def _(x, index, pos_embed, backend):
 def gather_frames_backward(grad: Tensor, index: Tensor, num_frames: int, pos_batch: int,
                            backend: str) -> tuple[Tensor, Tensor]:
     """-> (grad_x (B, num_frames, J, C), grad_pos (pos_batch, f, C), or empty when pos_batch == 0)."""
-    return tuple(_kernels(backend).gather_frames_backward(grad, index, num_frames, pos_batch))
+    with _no_autocast(grad):
+        return tuple(_kernels(backend).gather_frames_backward(grad, index, num_frames, pos_batch))
 
 
 @gather_frames_backward.register_fake
@@ -172,8 +188,9 @@ def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Optiona
                                bo: Optional[Tensor], num_heads: int, scale: float, residual: bool,
                                backend: str) -> tuple[Tensor, Tensor]:
     """-> (out (S, L, C), lse (S, heads, L)): lse is the softmax statistic the backward needs."""
-    out, lse = _kernels(backend).token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo,
-                                                            num_heads, scale, residual)
+    with _no_autocast(x):
+        out, lse = _kernels(backend).token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo,
+                                                                num_heads, scale, residual)
     return out, lse
 
 
@@ -190,8 +207,9 @@ def token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tens
                                         wo: Tensor, bo: Optional[Tensor], lse: Tensor, num_heads: int,
                                         scale: float, residual: bool, backend: str) -> list[Tensor]:
     """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; a missing bias's is empty."""
-    return list(_kernels(backend).token_recovering_attention_backward(
-        grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual))
+    with _no_autocast(grad_out):
+        return list(_kernels(backend).token_recovering_attention_backward(
+            grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual))
 
 
 @token_recovering_attention_backward.register_fake

@@ -56,7 +56,10 @@ def _distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     C = x.shape[-1]
     sq_x = (xf * xf).sum(-1)
     sq_y = sq_x if y is None else (yf * yf).sum(-1)
-    d2 = torch.baddbmm(sq_x[:, :, None] + sq_y[:, None, :], xf, yf.transpose(1, 2), alpha=-2.0)
+    # Autocast off: under torch.autocast the GEMM would run in bfloat16/float16 and the selections
+    # would change (torch.cdist, which the published code uses, is on autocast's float32 list too).
+    with torch.autocast(x.device.type, enabled=False):
+        d2 = torch.baddbmm(sq_x[:, :, None] + sq_y[:, None, :], xf, yf.transpose(1, 2), alpha=-2.0)
     if y is None:
         # The GEMM need not give G[i, j] == G[j, i] bitwise; (a + b) * 0.5 is exactly symmetric,
         # which makes mutual nearest neighbours tie exactly in density (the tie rule needs that).

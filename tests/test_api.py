@@ -180,3 +180,52 @@ def test_gpu_backends_refuse_k_above_32_and_the_default_falls_back():
         with pytest.raises(hk.BackendUnavailableError, match="supports k <= 32"):
             hk.dpc_knn(x, 5, 33, backend="triton")
         assert hk.dpc_knn(x, 5, 32, backend="triton").shape == (1, 5)
+
+
+# ---- autocast and torch.compile entry conditions --------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_selection_ignores_autocast(backend):
+    """Under torch.autocast the selections compute in x's dtype, as outside it (the published
+    code's torch.cdist is on autocast's float32 list): the kept frames do not change."""
+    if backend == "cpu" and not HAS_CPU_EXT:
+        pytest.skip("hot_kernels._C not built")
+    torch.manual_seed(0)
+    x = torch.randn(3, 243, 128).cumsum(1) * 0.05  # smooth clips: many near-equal distances
+    want = hk.dpc_knn(x, 81, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hk.dpc_knn(x, 81, backend=backend)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_tra_under_autocast_runs_in_the_autocast_dtype(backend):
+    if backend == "cpu" and not HAS_CPU_EXT:
+        pytest.skip("hot_kernels._C not built")
+    torch.manual_seed(0)
+    C = 32
+    query, x = torch.randn(1, 9, C), torch.randn(6, 3, C)
+    w = [torch.randn(C, C) / C**0.5 for _ in range(4)]
+    args = (query, x, w[0], None, w[1], None, w[2], None, w[3], None)
+    want = hk.token_recovering_attention(*args, num_heads=4, backend=backend)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hk.token_recovering_attention(*args, num_heads=4, backend=backend)
+    assert got.dtype == torch.bfloat16
+    err = float((got.float() - want).norm() / want.norm())
+    assert err < 2e-2, f"bf16 autocast error {err:.2e}"
+
+
+def test_compile_fullgraph_as_the_first_call_in_a_process():
+    """The first hot_kernels call of a fresh process may be inside torch.compile(fullgraph=True):
+    nothing on the dispatch path is left to initialise lazily (Dynamo cannot trace pybind)."""
+    import subprocess
+    import sys
+
+    code = ("import torch, hot_kernels as hk\n"
+            "f = torch.compile(lambda x: hk.dpc_knn(x, 4), fullgraph=True)\n"
+            "x = torch.randn(2, 16, 8)\n"
+            "assert torch.equal(f(x), hk.dpc_knn(x, 4))\n")
+    env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
