@@ -11,7 +11,7 @@ Environment:
   HOT_KERNELS_NO_CUDA=1      build the CPU half only, even where CUDA is available
   HOT_KERNELS_REQUIRE_EXT=1  fail the install if the extension does not build (default: warn and go on)
   HOT_KERNELS_NATIVE=1       add -march=native (faster CPU kernels; the build then runs on this CPU only)
-  HOT_KERNELS_DEBUG_BUILD=1  -O0 -g, with -fsanitize=address,undefined (see tests/sanitize_cpu.sh)
+  HOT_KERNELS_DEBUG_BUILD=1  -O0 -g, with -fsanitize=address,undefined (scripts/sanitize_cpu.sh builds this way, in its own build dir)
   TORCH_CUDA_ARCH_LIST       CUDA archs (default here: 8.0;9.0)
   MAX_JOBS                   parallel compile jobs (ninja)
 """

@@ -2,10 +2,18 @@
 
 Checks are cheap: shapes, dtypes, devices and Python scalars only, never a device sync (values
 inside CUDA tensors are not read). Messages name the op, the argument, what was expected and what
-was received. ``HOT_KERNELS_DEBUG=1`` adds value checks (finite input) that do read values.
+was received.
+
+``HOT_KERNELS_DEBUG=1`` adds value checks that do read values (and so synchronise a GPU): every
+float input must be finite (a log-density may hold -inf, a score +-inf: both mean "never first"),
+and :func:`outputs` checks every op's results in one place: float outputs finite (a log-density
+may be -inf), index outputs in range and, for selections, f distinct values per row. Without it,
+non-finite input is allowed and gives unspecified values, but index rows stay valid (DESIGN.md).
 """
 from __future__ import annotations
 
+import math
+import numbers
 import operator
 import os
 
@@ -26,11 +34,46 @@ def debug_enabled() -> bool:
     return os.environ.get("HOT_KERNELS_DEBUG", "0") not in ("", "0")
 
 
-def _shape(t: torch.Tensor) -> str:
-    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+def _shape(t) -> str:
+    shape = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+    return str(shape)
 
 
-def tensor(op: str, name: str, t, dims: str, *, ndim: int, float_=True) -> torch.Tensor:
+def _got(v) -> str:
+    """``type value`` of a bad scalar argument, for messages (short)."""
+    text = repr(v)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{type(v).__name__} {text}"
+
+
+def _non_finite(t: torch.Tensor, allow_neg_inf: bool = False, allow_pos_inf: bool = False) -> str | None:
+    """What is wrong with t's values ("NaN", "+Inf", "-Inf"), or None. Reads the values."""
+    if t.numel() == 0 or not t.is_floating_point():
+        return None
+    if bool(torch.isfinite(t).all()):
+        return None
+    found = []
+    if bool(torch.isnan(t).any()):
+        found.append("NaN")
+    if not allow_pos_inf and bool((t == math.inf).any()):
+        found.append("+Inf")
+    if not allow_neg_inf and bool((t == -math.inf).any()):
+        found.append("-Inf")
+    return " and ".join(found) or None
+
+
+def finite(op: str, name: str, t, *, allow_neg_inf: bool = False, allow_pos_inf: bool = False) -> None:
+    """HOT_KERNELS_DEBUG=1 only: raise if the float tensor t holds NaN (or an infinity not allowed)."""
+    if t is None or not isinstance(t, torch.Tensor) or not debug_enabled() or t.device.type == "meta":
+        return
+    bad = _non_finite(t.detach(), allow_neg_inf, allow_pos_inf)
+    if bad is not None:
+        fail(op, f"{name} has NaN or Inf values (found {bad}; HOT_KERNELS_DEBUG=1 checks that inputs are finite)")
+
+
+def tensor(op: str, name: str, t, dims: str, *, ndim: int, float_=True, allow_neg_inf: bool = False,
+           allow_pos_inf: bool = False) -> torch.Tensor:
     """A tensor of rank ``ndim`` (its axes named by ``dims``, e.g. "(B, N, C)") and float dtype."""
     if not isinstance(t, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor of shape {dims}, got {type(t).__name__}")
@@ -38,8 +81,8 @@ def tensor(op: str, name: str, t, dims: str, *, ndim: int, float_=True) -> torch
         fail(op, f"{name} must be {ndim}-D {dims}, got shape {_shape(t)}")
     if float_ and t.dtype not in FLOAT_DTYPES:
         fail(op, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if float_ and debug_enabled() and t.numel() and not bool(torch.isfinite(t).all()):
-        fail(op, f"{name} has NaN or Inf values (HOT_KERNELS_DEBUG=1 checks this)")
+    if float_:
+        finite(op, name, t, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf)
     return t
 
 
@@ -52,11 +95,12 @@ def same_device(op: str, ref_name: str, ref: torch.Tensor, **others) -> None:
 def integer(op: str, name: str, v, lo: int, hi: int, what: str = "") -> int:
     """A Python/NumPy integer (not a bool or float) in [lo, hi]."""
     if isinstance(v, bool) or isinstance(v, torch.Tensor):
-        fail(op, f"{name} must be a Python int, got {type(v).__name__}")
+        got = f"a {v.dim()}-D tensor" if isinstance(v, torch.Tensor) else _got(v)
+        fail(op, f"{name} must be a Python int, got {got}")
     try:
         v = operator.index(v)
     except TypeError:
-        fail(op, f"{name} must be an int, got {type(v).__name__} {v!r}")
+        fail(op, f"{name} must be an int, got {_got(v)}")
     if not lo <= v <= hi:
         fail(op, f"{name} must be in [{lo}, {hi}]{what}, got {v}")
     return v
@@ -64,7 +108,7 @@ def integer(op: str, name: str, v, lo: int, hi: int, what: str = "") -> int:
 
 def boolean(op: str, name: str, v) -> bool:
     if not isinstance(v, bool):
-        fail(op, f"{name} must be True or False, got {type(v).__name__} {v!r}")
+        fail(op, f"{name} must be True or False, got {_got(v)}")
     return v
 
 
@@ -111,8 +155,14 @@ def exclude(op: str, ex, score: torch.Tensor) -> torch.Tensor | None:
             fail(op, f"exclude must have shape (B,) = ({B},), got {_shape(ex)}")
         same_device(op, "score", score, exclude=ex)
         if ex.device.type == "cpu" and ex.numel() and not bool(((ex >= 0) & (ex < N)).all()):
-            fail(op, f"exclude values must be in [0, {N - 1}], got {ex.tolist()}")
-        return ex.to(torch.long)
+            bad = ex[(ex < 0) | (ex >= N)]
+            fail(op, f"exclude values must be in [0, {N - 1}] (token indices), got {bad[:8].tolist()} "
+                     f"among the {B} values")
+        # Contiguous int64 (B values, cheap): a strided view (exclude[::2]) must not reach a kernel
+        # that indexes exclude[b] as if it were dense (the triton wrapper did).
+        return ex.to(torch.long).contiguous()
+    if not isinstance(ex, numbers.Integral) or isinstance(ex, bool):
+        fail(op, f"exclude must be an int or an integer tensor of shape (B,) = ({B},), got {_got(ex)}")
     v = integer(op, "exclude", ex, 0, N - 1, " (a token index)")
     return torch.full((B,), v, dtype=torch.long, device=score.device)
 
@@ -121,11 +171,11 @@ def tra_inputs(op, query, x, weights: dict, num_heads, scale):
     """Validate token_recovering_attention's inputs; returns (num_heads, scale)."""
     x = tensor(op, "x", x, "(S, M, C)", ndim=3)
     query = tensor(op, "query", query, "(1 or S, L, C)", ndim=3)
-    S, M, C = x.shape
-    if S == 0:
-        fail(op, f"x has no sequences (S = 0), shape {_shape(x)}; expected S >= 1")
+    S, M, C = x.shape  # S = 0 is allowed: an empty (0, L, C) output
     if M == 0:
         fail(op, f"x must have at least one token (M >= 1), got shape {_shape(x)}")
+    if C == 0:
+        fail(op, f"x must have at least one channel (C >= 1), got shape {_shape(x)}")
     if query.shape[2] != C:
         fail(op, f"query width {query.shape[2]} does not match x width C = {C} (query {_shape(query)}, x {_shape(x)})")
     if query.shape[0] not in (1, S):
@@ -152,10 +202,49 @@ def tra_inputs(op, query, x, weights: dict, num_heads, scale):
         if w.dtype != x.dtype:
             fail(op, f"{name} is {w.dtype} but x is {x.dtype}; all inputs must have one dtype")
         same_device(op, "x", x, **{name: w})
+        finite(op, name, w)
     if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-            fail(op, f"scale must be a float or None, got {type(scale).__name__}")
+        if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
+            fail(op, f"scale must be a float (a Python or NumPy number) or None, got "
+                     f"{'a tensor' if isinstance(scale, torch.Tensor) else _got(scale)}")
         scale = float(scale)
+        if not math.isfinite(scale):
+            fail(op, f"scale must be a finite number, got {scale}")
     else:
         scale = (C // num_heads) ** -0.5
     return num_heads, scale
+
+
+# ---- HOT_KERNELS_DEBUG=1: the output checks, for every op in one place ---------------------------
+
+
+def outputs(op: str, *, values=(), log_values=(), indices=()) -> None:
+    """Debug checks of an op's results (a no-op unless ``HOT_KERNELS_DEBUG=1``).
+
+    values: (name, tensor) pairs that must be finite; log_values: the same, -inf allowed (log rho
+    of a masked or underflowed token); indices: (name, tensor, hi, distinct) with every value in
+    [0, hi) and, when distinct, no value repeated within a row. An input that already passed the
+    finite-input checks giving a non-finite output (an overflow, a kernel bug) raises here."""
+    if not debug_enabled():
+        return
+    for name, t in values:
+        bad = None if t is None else _non_finite(t.detach())
+        if bad is not None:
+            fail(op, f"output {name} has NaN or Inf values (found {bad}) for finite input (HOT_KERNELS_DEBUG=1 "
+                     "check; an overflow in the input's dtype?)")
+    for name, t in log_values:
+        bad = None if t is None else _non_finite(t.detach(), allow_neg_inf=True)
+        if bad is not None:
+            fail(op, f"output {name} has NaN or Inf values (found {bad}) for finite input (HOT_KERNELS_DEBUG=1 check)")
+    for name, t, hi, distinct in indices:
+        if t is None or t.numel() == 0 or t.device.type == "meta":
+            continue
+        if t.dtype != torch.long:
+            fail(op, f"output {name} is {t.dtype}, expected int64 (HOT_KERNELS_DEBUG=1 check)")
+        lo_v, hi_v = int(t.min()), int(t.max())
+        if lo_v < 0 or hi_v >= hi:
+            fail(op, f"output {name} has values in [{lo_v}, {hi_v}], outside [0, {hi}) (HOT_KERNELS_DEBUG=1 check)")
+        if distinct and t.shape[-1] > 1:
+            srt = t.sort(dim=-1).values
+            if bool((srt[..., 1:] == srt[..., :-1]).any()):
+                fail(op, f"output {name} repeats a value within a row (HOT_KERNELS_DEBUG=1 check)")

@@ -16,6 +16,7 @@ import warnings
 import torch
 from torch import nn
 
+from . import _validate as V
 from . import reference
 from .functional import _dpc_knn, token_recovering_attention
 
@@ -23,10 +24,11 @@ __all__ = ["cluster_dpc_knn", "cluster_dpc_knn_center", "CrossAttention"]
 
 
 def _as_bool_mask(token_mask):
-    # The published code accepts any numeric mask and uses token_mask > 0.
-    if token_mask is None or (isinstance(token_mask, torch.Tensor) and token_mask.dtype == torch.bool):
-        return token_mask
-    return token_mask > 0
+    # The published code accepts any numeric mask and uses token_mask > 0. Anything that is not a
+    # numeric tensor goes on unchanged, for the validation layer to name.
+    if isinstance(token_mask, torch.Tensor) and token_mask.dtype != torch.bool and not token_mask.is_complex():
+        return token_mask > 0
+    return token_mask
 
 
 def cluster_dpc_knn(x, cluster_num, k, token_mask=None, *, backend=None):
@@ -89,8 +91,12 @@ class CrossAttention(nn.Module):
                  attn_drop: float = 0.0, proj_drop: float = 0.0, length: int = 27, *, backend: str | None = None):
         super().__init__()
         self.backend = backend  # None: the usual choice (use_backend, HOT_KERNELS_BACKEND, device default)
+        name = type(self).__name__
+        for arg, v in (("dim", dim), ("num_heads", num_heads)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: {arg} must be a positive int, got {v!r}")
         if dim % num_heads:
-            raise ValueError(f"{type(self).__name__}: num_heads = {num_heads} must divide dim = {dim}")
+            raise ValueError(f"{name}: num_heads = {num_heads} must divide dim = {dim}")
         self.dim, self.num_heads, self.length = dim, num_heads, length
         self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
         self.linear_q = nn.Linear(dim, dim, bias=qkv_bias)
@@ -116,7 +122,17 @@ class CrossAttention(nn.Module):
 
     def _unfused(self, x_1, x_2, x_3):
         """The published computation, for keys and values from different tensors."""
-        S, M, C = x_2.shape
+        op, C = "CrossAttention", self.dim
+        V.tensor(op, "x_2", x_2, "(S, M, C)", ndim=3)
+        S, M = x_2.shape[:2]
+        for name, t in (("x_1", x_1), ("x_3", x_3)):
+            V.tensor(op, name, t, "(S, L, C)" if name == "x_1" else "(S, M, C)", ndim=3)
+        if x_2.shape[2] != C or x_3.shape != x_2.shape:
+            bad = ("x_2", x_2) if x_2.shape[2] != C else ("x_3", x_3)
+            V.fail(op, f"x_2 and x_3 must both be (S, M, C) with C = {C}, got {bad[0]} of shape {tuple(bad[1].shape)}"
+                       + ("" if bad[0] == "x_2" else f" and x_2 of shape {tuple(x_2.shape)}"))
+        if x_1.shape[0] not in (1, S) or x_1.shape[2] != C:
+            V.fail(op, f"x_1 must be (1, L, C) or (S, L, C) with S = {S}, C = {C}, got {tuple(x_1.shape)}")
         L, H = x_1.shape[1], self.num_heads
         q = self.linear_q(x_1.expand(S, L, C)).reshape(S, L, H, C // H).transpose(1, 2)
         k = self.linear_k(x_2).reshape(S, M, H, C // H).transpose(1, 2)

@@ -42,8 +42,11 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, backend
         V.same_device(op, "x", x, y=y)
     name = _dispatch.resolve(op, x, backend)
     if name == "reference":
-        return reference.pairwise_distance(x, y)
-    return _ops.pairwise_distance(x, y, name)
+        D = reference.pairwise_distance(x, y)
+    else:
+        D = _ops.pairwise_distance(x, y, name)
+    V.outputs(op, values=[("D", D)])
+    return D
 
 
 def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None = None, *, log: bool = False,
@@ -61,8 +64,11 @@ def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None = None,
     name = _dispatch.resolve(op, x, backend, k=k)
     x = x.detach()
     if name == "reference":
-        return reference.knn_density(x, k, token_mask, log)
-    return _ops.knn_density(x, k, token_mask, log, name)
+        rho = reference.knn_density(x, k, token_mask, log)
+    else:
+        rho = _ops.knn_density(x, k, token_mask, log, name)
+    V.outputs(op, log_values=[("log rho" if log else "rho", rho)])
+    return rho
 
 
 def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor | None = None, *,
@@ -74,16 +80,23 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     between real tokens and is its own parent. density may be rho or log rho (same order)."""
     op = "dpc_delta"
     V.points(op, x)
-    V.tensor(op, "density", density, "(B, N)", ndim=2)
+    V.tensor(op, "density", density, "(B, N)", ndim=2, allow_neg_inf=True)  # log rho of a masked token: -inf
     if tuple(density.shape) != tuple(x.shape[:2]):
         V.fail(op, f"density must have shape (B, N) = {tuple(x.shape[:2])}, got {tuple(density.shape)}")
     V.same_device(op, "x", x, density=density)
     token_mask = V.token_mask(op, token_mask, x)
     name = _dispatch.resolve(op, x, backend)
     x, density = x.detach(), density.detach()
+    if density.dtype in (torch.float16, torch.bfloat16):
+        # Exact (same order, same ties), O(B N): the kernels then compare 32-bit keys only (the
+        # Triton interpreter compared bfloat16 keys as raw bits: a wrong order for negative ones).
+        density = density.float()
     if name == "reference":
-        return reference.dpc_delta(x, density, token_mask)
-    return _ops.dpc_delta(x, density, token_mask, name)
+        delta, parent = reference.dpc_delta(x, density, token_mask)
+    else:
+        delta, parent = _ops.dpc_delta(x, density, token_mask, name)
+    V.outputs(op, values=[("delta", delta)], indices=[("parent", parent, x.shape[1], False)])
+    return delta, parent
 
 
 def topf_select(score: torch.Tensor, f: int, sorted: bool = True, exclude=None, *,
@@ -92,7 +105,7 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool = True, exclude=None, 
     NaN below every number. sorted=True: ascending indices (temporal order); False: best first.
     exclude: int or (B,) integer tensor, a token never picked (then f <= N - 1)."""
     op = "topf_select"
-    V.tensor(op, "score", score, "(B, N)", ndim=2)
+    V.tensor(op, "score", score, "(B, N)", ndim=2, allow_neg_inf=True, allow_pos_inf=True)
     N = score.shape[1]
     if N == 0:
         V.fail(op, f"score must have at least one token (N >= 1), got shape {tuple(score.shape)}")
@@ -103,8 +116,11 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool = True, exclude=None, 
     name = _dispatch.resolve(op, score, backend)
     score = score.detach()
     if name == "reference":
-        return reference.topf_select(score, f, sorted, ex)
-    return _ops.topf_select(score, f, sorted, ex, name)
+        index = reference.topf_select(score, f, sorted, ex)
+    else:
+        index = _ops.topf_select(score, f, sorted, ex, name)
+    V.outputs(op, indices=[("index", index, N, True)])
+    return index
 
 
 def _dpc_knn(op, x, f, k, token_mask, center, return_assignment, sorted, keep_center, backend):
@@ -122,9 +138,12 @@ def _dpc_knn(op, x, f, k, token_mask, center, return_assignment, sorted, keep_ce
     if name == "reference":
         out = reference.dpc_knn(x, f, k, token_mask, center, return_assignment, sorted=sorted,
                                 keep_center=keep_center)
-        return out if return_assignment else (out, None)
-    index, assignment = _ops.dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment, name)
-    return index, (assignment if return_assignment else None)
+        index, assignment = out if return_assignment else (out, None)
+    else:
+        index, assignment = _ops.dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment, name)
+        assignment = assignment if return_assignment else None
+    V.outputs(op, indices=[("index", index, N, True), ("assignment", assignment, f, False)])
+    return index, assignment
 
 
 def dpc_knn(x: torch.Tensor, f: int, k: int = 2, token_mask: torch.Tensor | None = None, center: int | None = None,
@@ -172,10 +191,12 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
             V.fail(op, f"pos_embed is {pos_embed.dtype} but x is {x.dtype}; both must have one dtype")
     name = _dispatch.resolve("dpc_knn", x, backend, k=k)
     if name == "reference":
-        return reference.token_pruning_cluster(x, f, k, center, pos_embed)
-    # The selection reads (B, F, J, C) and pools over joints inside the kernel (no pooled copy).
-    index, _ = _ops.dpc_knn(x.detach(), f, k, None, center, True, True, False, name)
-    x_kept = _ops.gather_frames(x, index, pos_embed, _dispatch.resolve("gather_frames", x, backend))
+        x_kept, index = reference.token_pruning_cluster(x, f, k, center, pos_embed)
+    else:
+        # The selection reads (B, F, J, C) and pools over joints inside the kernel (no pooled copy).
+        index, _ = _ops.dpc_knn(x.detach(), f, k, None, center, True, True, False, name)
+        x_kept = _ops.gather_frames(x, index, pos_embed, _dispatch.resolve("gather_frames", x, backend))
+    V.outputs(op, values=[("x_kept", x_kept)], indices=[("index", index, Fr, True)])
     return x_kept, index
 
 
@@ -211,8 +232,12 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
         # gradient still reaches the expanded tensor's base summed over the S sequences.
         query = query[:1]
     name = _dispatch.resolve(op, x, backend)
-    if name == "reference":
-        return reference.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual)
-    out, _lse = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
-                                                residual, name)
+    if name == "reference" or x.shape[0] == 0:
+        # S = 0 sequences: an empty (0, L, C) output (and zero weight gradients) on every backend,
+        # computed by the plain PyTorch path rather than launching kernels over nothing.
+        out = reference.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual)
+    else:
+        out, _lse = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
+                                                    residual, name)
+    V.outputs(op, values=[("out", out)])
     return out

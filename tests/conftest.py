@@ -18,3 +18,25 @@ os.environ.setdefault("HOT_KERNELS_POISON", "1")
 # Triton decides at decoration time whether a kernel is interpreted: import the kernels now, under
 # the setting above, not first inside a test that changes the environment.
 import hot_kernels.triton  # noqa: E402,F401
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "large: tensors past 2^31 elements (CPU: < 1 GiB resident, ~15 s); deselect with -m 'not large'")
+
+
+# Hypothesis profiles (tests/test_fuzz.py; explicit @settings in other files take precedence):
+#   ci     the default: derandomized (a fixed sequence of examples), bounded, no deadline.
+#   long   HOT_KERNELS_FUZZ=long (or --hypothesis-profile=long): 10x the examples, random seeds.
+#   quick  HOT_KERNELS_FUZZ=quick: a third of ci's examples (the sanitizer run, scripts/sanitize_cpu.sh).
+# test_fuzz.py scales each test's example count by the active profile's max_examples / 100.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=100, derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("long", max_examples=1000, derandomize=False, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+settings.register_profile("quick", max_examples=30, derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=_FUZZ_HEALTH)
+settings.load_profile(os.environ.get("HOT_KERNELS_FUZZ", "ci"))

@@ -112,3 +112,45 @@ def test_compile_fullgraph_on_cuda_tensors(backend):
     torch.testing.assert_close(got[1], want[1])
     (g,) = torch.autograd.grad(compiled(x, clip)[1], clip)
     assert torch.isfinite(g).all()
+
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tra_output_over_2_pow_31_elements(backend):
+    """S = 17408 sequences (B = 1024 clips x 17 joints) of L = 243 recovered tokens, C = 512: the
+    output alone has S * L * C = 2.17e9 > 2^31 elements. A few sequences, the last ones past 2^31,
+    are checked against the float64 reference, forward and backward (a grad_out that is zero
+    except on those sequences: their x gradients and the weight gradients are theirs alone)."""
+    require(backend, "token_recovering_attention")
+    S, L, M, C, H = 17408, 243, 81, 512, 8
+    assert S * L * C > 2**31
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def t(*shape, s=1.0):
+        return torch.randn(*shape, generator=g, device="cuda") * s
+
+    w = C ** -0.5
+    query = t(1, L, C).requires_grad_()
+    x = t(S, M, C).requires_grad_()
+    ws = [t(C, C, s=w), t(C, s=0.1), t(C, C, s=w), t(C, s=0.1), t(C, C, s=w), t(C, s=0.1), t(C, C, s=w), t(C, s=0.1)]
+    ws = [v.requires_grad_() for v in ws]
+    out = hk.token_recovering_attention(query, x, *ws, num_heads=H, backend=backend)
+    assert out.shape == (S, L, C)
+    rows = torch.tensor([0, 1, S // 2, S - 2, S - 1], device="cuda")
+    assert int(rows[-2]) * L * C > 2**31
+    g_rows = t(len(rows), L, C)
+    grad_out = torch.zeros_like(out)
+    grad_out[rows] = g_rows
+    grads = torch.autograd.grad(out, [query, x, *ws], grad_out)
+    out_rows = out[rows].detach()
+    del grad_out, out
+
+    ref_leaves = [v.detach().double().requires_grad_() for v in (query, x[rows], *ws)]
+    want = R.token_recovering_attention(ref_leaves[0], ref_leaves[1], *ref_leaves[2:], num_heads=H)
+    torch.testing.assert_close(out_rows.double(), want, rtol=1e-4, atol=1e-4)
+    want_grads = torch.autograd.grad(want, ref_leaves, g_rows.double())
+    assert int((grads[1].abs().sum((1, 2)) != 0).sum()) <= len(rows)  # no other sequence got a gradient
+    for i, (got, exp) in enumerate(zip(grads, want_grads)):
+        if i == 1:
+            got = got[rows]
+        torch.testing.assert_close(got.double(), exp, rtol=2e-3, atol=2e-3, msg=lambda m: f"gradient {i}: {m}")

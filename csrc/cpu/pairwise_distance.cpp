@@ -113,9 +113,11 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
   TORCH_CHECK(dist.sizes() == grad.sizes(), "pairwise_distance_backward: dist must be (B, N, M) = (", B, ", ", N,
               ", ", M, "), got ", dist.sizes());
   const auto ct = tpc::compute_dtype(x.scalar_type());
-  const at::Tensor xf = x.to(ct);
-  const at::Tensor yf = has_y ? y->to(ct) : xf;
-  const at::Tensor d = dist.to(ct);
+  // Contiguous: the GEMMs below then see one layout whatever the caller's strides, so the gradient
+  // of a transposed or expanded x is bitwise the gradient of its contiguous copy.
+  const at::Tensor xf = x.to(ct).contiguous();
+  const at::Tensor yf = has_y ? y->to(ct).contiguous() : xf;
+  const at::Tensor d = dist.to(ct).contiguous();
   // W = g / (C * D), 0 where D == 0 (the gradient of |v| at 0 is defined as 0).
   const at::Tensor W = at::where(d != 0, grad.to(ct) / (d * static_cast<double>(C)), at::zeros({}, d.options()));
   // The gradients are translation invariant: work on inputs shifted by their common finite mean
