@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import hot_kernels as hk
+from targets import runnable
 from hot_kernels import reference as R
 from hot_kernels.functional import _dpc_knn
 from selection import assert_same_or_near_tie, check_assignment, check_selection
@@ -56,10 +57,7 @@ def _to_cpu(obj):
 
 
 def _targets():
-    found = [Target(b, "cpu") for b in ("cpu", "triton") if hk.available_backends("cpu")[b] is None]
-    if torch.cuda.is_available():
-        found += [Target(b, "cuda") for b in ("cuda", "triton") if hk.available_backends("cuda")[b] is None]
-    return found
+    return [Target(b, d) for b, d in runnable(backends_on_cpu=("cpu", "triton"))]
 
 
 @pytest.fixture(autouse=True)

@@ -32,6 +32,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hot_kernels as hk
+from targets import runnable
 from hot_kernels import reference as R
 from hot_kernels.compat import cluster_dpc_knn_center
 from hot_kernels.functional import _dpc_knn
@@ -62,10 +63,7 @@ class Target:
 
 
 def _targets():
-    found = [Target(b, "cpu") for b in ("reference", "cpu", "triton") if hk.available_backends("cpu")[b] is None]
-    if torch.cuda.is_available():
-        found += [Target(b, "cuda") for b in ("cuda", "triton") if hk.available_backends("cuda")[b] is None]
-    return found
+    return [Target(b, d) for b, d in runnable()]
 
 
 TARGETS = _targets()

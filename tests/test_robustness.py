@@ -28,6 +28,7 @@ import pytest
 import torch
 
 import hot_kernels as hk
+from targets import runnable
 from hot_kernels import BackendUnavailableError, HotKernelsInputError
 from hot_kernels import reference as R
 from hot_kernels.compat import CrossAttention, cluster_dpc_knn, cluster_dpc_knn_center
@@ -74,10 +75,7 @@ class Target:
 
 
 def _targets():
-    found = [Target(b, "cpu") for b in ("reference", "cpu", "triton") if hk.available_backends("cpu")[b] is None]
-    if torch.cuda.is_available():
-        found += [Target(b, "cuda") for b in ("cuda", "triton") if hk.available_backends("cuda")[b] is None]
-    return found
+    return [Target(b, d) for b, d in runnable()]
 
 
 TARGETS = _targets()
