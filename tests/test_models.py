@@ -276,6 +276,9 @@ def _ddp_worker(rank, world_size, tmp):
         out, index = ddp(data["poses"][rows], return_index=True)
         F.mse_loss(out, data["target"][rows]).backward()  # DDP averages the gradients over ranks
         torch.save({"out": out.detach(), "index": index, "grads": grads(model)}, os.path.join(tmp, f"rank{rank}.pt"))
+        # Both ranks finish their collectives before either tears gloo down (a rank destroying its
+        # group while the other is still in the gradient all-reduce can abort the process).
+        dist.barrier()
         dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(tmp, f"rank{rank}.err"), "w") as f:
