@@ -15,8 +15,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # Build and test tools. Already-installed ones are left alone (works offline on a prepared box).
 need=()
+# matplotlib and pytest-benchmark are the benchmark tools (the [bench] extra): bench.png and the
+# pytest-benchmark suites in benchmarks/; hot-kernels bench runs without them and says so.
 for mod_pkg in setuptools:setuptools wheel:wheel ninja:ninja numpy:numpy pytest:pytest \
-               hypothesis:hypothesis triton:triton; do
+               hypothesis:hypothesis triton:triton matplotlib:matplotlib \
+               pytest_benchmark:pytest-benchmark; do
   mod=${mod_pkg%%:*}; pkg=${mod_pkg##*:}
   "$PY" -c "import $mod" 2>/dev/null || need+=("$pkg")
 done
