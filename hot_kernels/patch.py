@@ -32,6 +32,7 @@ training).
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import types
@@ -175,7 +176,8 @@ def patch_model(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, compat.CrossAttention) or getattr(mod, _PATCHED, False) or not is_cross_attention(mod):
             continue
-        mod.forward = types.MethodType(_patched_forward, mod)
+        # functools.partial, not a bound method: it pickles (torch.save(model)) and deep-copies.
+        mod.forward = functools.partial(_patched_forward, mod)
         setattr(mod, _PATCHED, True)
         swapped += 1
     return swapped

@@ -284,3 +284,26 @@ def test_patched_model_compiles_fullgraph():
 
 def test_patch_is_exported():
     assert hot_kernels.patch.patch_module is patch_module
+
+
+def test_patched_model_pickles_and_deep_copies():
+    import copy
+    import io
+
+    model = build().eval()
+    patch_model(model)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    twin = copy.deepcopy(model)
+    poses, _ = batch()
+    with torch.no_grad():
+        want, _ = model(poses)
+        for other in (loaded, twin):
+            assert other.cross_attention.forward.args[0] is other.cross_attention  # bound to its own copy
+            with OpRecorder() as rec:
+                got, _ = other(poses)
+            assert "hot_kernels::token_recovering_attention" in rec.names
+            assert torch.equal(got, want)
+            assert unpatch_model(other) == 1
