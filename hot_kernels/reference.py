@@ -49,24 +49,39 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """D (B, N, M) in the compute dtype of x, differentiable, bit-symmetric with a zero diagonal
-    when y is None. Gram form, like torch.cdist on large inputs: d2 = |x|^2 + |y|^2 - 2 x.y."""
+    when y is None. Gram form, like torch.cdist on large inputs: d2 = |x|^2 + |y|^2 - 2 x.y.
+
+    Exact duplicates are at distance exactly 0 whatever the BLAS: a GEMM need not round x_i.x_j to
+    |x_i|^2 for identical rows, so the Gram form alone can leave them ~sqrt(eps) |x| apart (and the
+    tie rule, and the gradient at zero distance, would then depend on the BLAS). Identical rows have
+    bitwise-equal |x|^2 (each row is reduced by the same elementwise code: no BLAS) and a Gram d2
+    within the GEMM's rounding bound of 0; every pair meeting both tests is set to exactly 0. A
+    distinct pair can only pass both if its true d2 is itself within that bound, so this never
+    moves a distance by more than the Gram form's own error."""
     dt = compute_dtype(x.dtype)
-    xf = x.to(dt)
-    yf = xf if y is None else y.to(dt)
+    # One layout whatever the caller's strides: the GEMMs and their backward then round the same
+    # way for a transposed or expanded input as for its contiguous copy.
+    xf = x.to(dt).contiguous()
+    yf = xf if y is None else y.to(dt).contiguous()
     C = x.shape[-1]
     sq_x = (xf * xf).sum(-1)
     sq_y = sq_x if y is None else (yf * yf).sum(-1)
+    sq_sum = sq_x[:, :, None] + sq_y[:, None, :]
     # Autocast off: under torch.autocast the GEMM would run in bfloat16/float16 and the selections
     # would change (torch.cdist, which the published code uses, is on autocast's float32 list too).
     with torch.autocast(x.device.type, enabled=False):
-        d2 = torch.baddbmm(sq_x[:, :, None] + sq_y[:, None, :], xf, yf.transpose(1, 2), alpha=-2.0)
+        d2 = torch.baddbmm(sq_sum, xf, yf.transpose(1, 2), alpha=-2.0)
     if y is None:
         # The GEMM need not give G[i, j] == G[j, i] bitwise; (a + b) * 0.5 is exactly symmetric,
         # which makes mutual nearest neighbours tie exactly in density (the tie rule needs that).
         d2 = (d2 + d2.transpose(1, 2)) * 0.5
-        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-        d2 = d2.masked_fill(eye, 0.0)
-    d2 = d2.clamp_min(0.0)  # cancellation can make it slightly negative
+    # Rounding bound of the Gram form (dot products of length C): |d2' - d2| <= 2 C eps (|x_i|^2 +
+    # |y_j|^2); 4 C eps leaves room for the final additions.
+    with torch.no_grad():
+        same = (sq_x[:, :, None] == sq_y[:, None, :]) & (d2.abs() <= sq_sum * (4 * C * torch.finfo(dt).eps))
+        if y is None:
+            same |= torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    d2 = d2.masked_fill(same, 0.0).clamp_min(0.0)  # cancellation can make it slightly negative
     # sqrt with a zero gradient at zero distance (never NaN): the untaken branch is clamped.
     tiny = torch.finfo(dt).tiny
     dist = torch.where(d2 > 0, d2.clamp_min(tiny).sqrt(), torch.zeros_like(d2))

@@ -506,6 +506,58 @@ def test_dpc_knn_constant_clip(center, keep, sorted_, dtype):
         assert np.array_equal(oi, idx.numpy()) and np.array_equal(oa, asg.numpy())
 
 
+class _UnfriendlyBlas:
+    """torch.baddbmm as a BLAS may legally compute it: every Gram entry off by up to C ulps of the
+    operands' magnitude, differently at every position (so identical rows do *not* come out at
+    exactly zero distance and G[i, j] != G[j, i]). Patched into hot_kernels.reference."""
+
+    def __init__(self, monkeypatch):
+        real = torch.baddbmm
+
+        def baddbmm(inp, b1, b2, *, alpha=1.0, beta=1.0):
+            out = real(inp, b1, b2, alpha=alpha, beta=beta)
+            C = b1.shape[-1]
+            g = torch.Generator().manual_seed(out.numel())
+            noise = torch.rand(out.shape, generator=g, dtype=out.dtype).to(out.device) - 0.5
+            mag = (b1 * b1).sum(-1)[:, :, None] + (b2 * b2).sum(-2)[:, None, :]
+            return out + noise * (C * torch.finfo(out.dtype).eps) * mag
+
+        monkeypatch.setattr(R.torch, "baddbmm", baddbmm)
+
+
+@pytest.mark.parametrize("dtype", [F32, F64])
+def test_exact_duplicates_are_at_zero_distance_whatever_the_blas(monkeypatch, dtype):
+    """The tie rule on exact duplicates must not depend on how the BLAS rounds the Gram matrix
+    (issue: an AMD machine's MKL path left identical rows ~1e-4 apart and the oracle broke it)."""
+    g = torch.Generator().manual_seed(5)
+    row = torch.randn(2, 1, 24, generator=g, dtype=F64) * 30 + 7
+    constant = row.expand(2, 11, 24).contiguous().to(dtype)
+    padded = make_x(3, 2, 11, 24, dtype, "smooth")
+    padded[:, :3] = padded[:, 3:4]  # edge padding: frames 0..3 identical
+    _UnfriendlyBlas(monkeypatch)
+    # The patch really perturbs: a plain Gram form would leave the duplicates apart.
+    xs = constant.to(R.compute_dtype(dtype))
+    sq = (xs * xs).sum(-1)
+    raw = R.torch.baddbmm(sq[:, :, None] + sq[:, None, :], xs, xs.transpose(1, 2), alpha=-2.0)
+    assert (raw != 0).any()
+    D = R.pairwise_distance(constant)
+    assert (D == 0).all()
+    idx, asg = R.dpc_knn(constant, 4, 2, return_assignment=True)
+    assert idx.tolist() == [[0, 1, 2, 3]] * 2 and asg[:, 4:].eq(0).all()
+    Dp = R.pairwise_distance(padded)
+    assert (Dp[:, :4, :4] == 0).all() and torch.equal(Dp, Dp.transpose(1, 2))
+    assert (Dp[:, 4:, 4:].diagonal(dim1=1, dim2=2) == 0).all()
+    off = ~torch.eye(7, dtype=torch.bool)
+    assert (Dp[:, 4:, 4:][:, off] > 0).all(), "distinct frames must stay apart"
+    # the gradient at the zero distances is 0, not rounding noise / tiny distance
+    xg = padded.clone().requires_grad_()
+    R.pairwise_distance(xg)[:, :4, :4].sum().backward()
+    assert (xg.grad == 0).all()
+    # and the selection equals the float64 brute force
+    oi = O.brute_dpc_knn(padded, 5, 2, None, None, True, True)
+    assert np.array_equal(oi, R.dpc_knn(padded, 5, 2).numpy())
+
+
 @pytest.mark.parametrize("dtype", [F32, F64])
 @pytest.mark.parametrize("k,f", [(1, 1), (1, 6), (1, 16), ("N", 1), ("N", 16), ("N", 6),
                                  (2, 1), (2, 16)])
