@@ -4,23 +4,19 @@
 // K = x Wk^T + bk, V = x Wv^T + bv; query (1 or S, L, C), x (S, M, C).
 //
 // Design:
-//  * Every GEMM goes to BLAS through ATen (mm/addmm/bmm, strided views, no per-(s, h) loops):
-//    K and V come from ONE GEMM with the stacked weight [Wk; Wv] (2C, C); the output projection is
-//    one GEMM per chunk; the attention GEMMs are one (b)mm per head per chunk.
-//  * A shared query (leading dim 1) is projected once: Qs = (query Wq^T + bq) * scale, (L, C).
-//    Its logits for a whole chunk of sequences are then one GEMM per head, Qs_h (L, d) x
-//    K_h^T (d, n*M), which lays the logits out as (H, L, n, M); in the backward the summed
-//    gradient sum_s dS_s K_s is again one GEMM per head (contraction over n*M), accumulated over
-//    chunks in (L, C): no S copies of query-sized tensors exist. A per-sequence query uses
-//    batched GEMMs over the chunk, logits laid out as (H, n, L, M).
-//  * The S sequences are processed in chunks of n so that the chunk's probabilities (H*n*L*M)
-//    and its other temporaries stay within kChunkBytes (cache-friendly and bounded memory);
-//    the S x H x L x M tensor never exists. The forward keeps only the row log-sum-exp
-//    lse (S, H, L) (its softmax normalises o rows, not the probabilities); the backward
-//    recomputes K, V, the probabilities P = exp(logits - lse) and o, and forms
-//    dS = P * (dP - rowsum(dO * o)) in place of P in one fused pass.
-//  * Weight/bias gradients are accumulated over chunks in a fixed order (deterministic: no
-//    atomics, the same chunking for the same shapes).
+//  * The attention core is ATen's fused CPU flash attention (at::_scaled_dot_product_flash_attention_
+//    for_cpu and its backward): blocked online softmax, no (L, M) probability matrix in memory, one
+//    parallel region per call, and - measured - results that do not depend on the thread count.
+//    Around it the GEMMs go to BLAS through ATen: K and V come from ONE GEMM with the stacked
+//    weight [Wk; Wv] (2C, C) and are read in place as strided (n, H, M, d) views.
+//  * A shared query (leading dim 1) is projected once: Q = query Wq^T + bq, (L, C), and enters the
+//    attention as a stride-0 view over the sequences (no S copies). In the backward its gradient is
+//    the sum over sequences of dQ_s, reduced chunk by chunk in a fixed order.
+//  * The S sequences are processed in chunks of n so that a chunk's temporaries stay within
+//    kChunkBytes. The forward keeps only the row log-sum-exp lse (S, H, L); the backward
+//    recomputes K, V, Q and the attention output o (one more flash forward) from the inputs.
+//  * Weight/bias gradients are accumulated over chunks in a fixed order (no atomics, the same
+//    chunking for the same shapes whatever the thread count).
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
 //    lse is float32 (float64 for float64 inputs).
 #include "../hot_kernels.h"
@@ -28,8 +24,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
 
 #include <algorithm>
+#include <exception>
 #include <limits>
 
 namespace hot_kernels {
@@ -115,9 +114,10 @@ Dims check_inputs(const char* fn, const at::Tensor& query, const at::Tensor& x, 
 
 int64_t chunk_size(const Dims& D, bool backward) {
   const int64_t elt = D.cdt == at::kDouble ? 8 : 4;
-  // per sequence: probabilities, one head's dP, K|V (and dK|dV), o per head + o (+ dO, grad).
-  int64_t per_seq = D.H * D.L * D.M + D.L * D.M + 2 * D.M * D.C + 2 * D.L * D.C;
-  if (backward) per_seq += 2 * D.M * D.C + 2 * D.L * D.C;
+  // per sequence: K|V, o, the flash kernel's output layout copy, per-sequence Q; backward: dK|dV,
+  // dO, dQ and the gradient rows.
+  int64_t per_seq = 2 * D.M * D.C + 3 * D.L * D.C;
+  if (backward) per_seq += 2 * D.M * D.C + 3 * D.L * D.C;
   per_seq = std::max<int64_t>(per_seq * elt, 1);
   const int64_t n_max = std::max<int64_t>(1, std::min<int64_t>(D.S, kChunkBytes / per_seq));
   // Equal chunks (no small tail): n = ceil(S / ceil(S / n_max)).
@@ -131,17 +131,58 @@ struct Prepared {
   at::Tensor wq, wkv, wo;    // (C, C), (2C, C) = [Wk; Wv], (C, C); compute dtype, contiguous
   at::Tensor bq, bkv, bo;    // (C), (2C), (C) or undefined
   at::Tensor q_in_shared;    // (L, C) query[0] in compute dtype (shared only)
-  at::Tensor qs_shared;      // (L, C) (query[0] Wq^T + bq) * scale (shared only)
+  at::Tensor qs_shared;      // (L, C) query[0] Wq^T + bq (shared only)
 };
 
-at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) {
-  return b.defined() ? at::addmm(b, in, w.t()) : at::mm(in, w.t());
+// out (+)= a b (+ bias): a (m, k), b (k, n), out (m, n) (any strides ATen's mm takes). Computed in
+// fixed blocks of kGemmRows rows of out, each one BLAS call made inside an active OpenMP region,
+// where BLAS runs single-threaded: the result does not depend on the thread count. (A
+// multi-threaded BLAS call may split its work, and so its sums, by the thread count: MKL does for
+// small shapes, e.g. 11 x 32 x 32.)
+constexpr int64_t kGemmRows = 64;
+
+void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
+                bool accumulate = false) {
+  const int64_t m = out.size(0), blocks = (m + kGemmRows - 1) / kGemmRows;
+  const int nt = std::max(1, at::get_num_threads());
+  std::exception_ptr error;  // an exception must not leave the OpenMP region: rethrown after it
+  const at::ThreadLocalState state;  // the caller's grad mode, dispatch keys, ... for the workers
+#pragma omp parallel num_threads(nt)
+  {
+    at::ThreadLocalStateGuard guard(state);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < blocks; ++i) {
+      try {
+        const int64_t r0 = i * kGemmRows, r = std::min(kGemmRows, m - r0);
+        auto o = out.narrow(0, r0, r);
+        const auto ai = a.narrow(0, r0, r);
+        if (accumulate)
+          o.addmm_(ai, b);
+        else if (bias.defined())
+          at::addmm_out(o, bias, ai, b);
+        else
+          at::mm_out(o, ai, b);
+      } catch (...) {
+#pragma omp critical(hk_gemm_fixed_error)
+        if (!error) error = std::current_exception();
+      }
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
+
+// a b (+ bias) into a new (m, n) tensor.
+at::Tensor mm_fixed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_fixed(out, a, b, bias);
+  return out;
+}
+
+at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) { return mm_fixed(in, w.t(), b); }
 
 Prepared prepare(const Dims& D, const at::Tensor& query, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
                  const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
-                 const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
-                 double scale) {
+                 const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo) {
   Prepared p;
   const auto cdt = D.cdt;
   p.wq = wq.to(cdt).contiguous();
@@ -155,7 +196,7 @@ Prepared prepare(const Dims& D, const at::Tensor& query, const at::Tensor& wq, c
   }
   if (D.shared) {
     p.q_in_shared = query.select(0, 0).to(cdt).contiguous();
-    p.qs_shared = linear2d(p.q_in_shared, p.wq, p.bq).mul_(scale);
+    p.qs_shared = linear2d(p.q_in_shared, p.wq, p.bq);
   }
   return p;
 }
@@ -166,30 +207,11 @@ struct Chunk {
   at::Tensor xc;    // (n*M, C)
   at::Tensor kv;    // (n*M, 2C): K | V
   at::Tensor q_in;  // (n*L, C) query rows (per-sequence query only)
-  at::Tensor qs;    // (n*L, C) scaled projected query (per-sequence query only)
-  at::Tensor buf;   // logits / probabilities: (H, L, n, M) shared, (H, n, L, M) per-sequence
+  at::Tensor qs;    // (n*L, C) projected query (per-sequence query only)
 };
 
-// The (n, L, M) view of head h of the probability buffer.
-at::Tensor head_probs(const Dims& D, const Chunk& c, int64_t h) {
-  auto b = c.buf.select(0, h);
-  return D.shared ? b.transpose(0, 1) : b;
-}
-
-// (n, H, L) -> the buffer layout of per-row values, with a trailing 1: (H, L, n, 1) for a shared
-// query, (H, n, L, 1) otherwise.
-at::Tensor to_buf_layout(const Dims& D, const at::Tensor& nHL) {
-  return (D.shared ? nHL.permute({1, 2, 0}) : nHL.permute({1, 0, 2})).unsqueeze(-1);
-}
-
-// (H, L, n, 1) or (H, n, L, 1) -> (n, H, L).
-at::Tensor from_buf_layout(const Dims& D, const at::Tensor& b) {
-  auto t = b.squeeze(-1);
-  return D.shared ? t.permute({2, 0, 1}) : t.permute({1, 0, 2});
-}
-
 Chunk make_chunk(const Dims& D, const Prepared& p, const at::Tensor& query, const at::Tensor& x, int64_t s0,
-                 int64_t n, double scale) {
+                 int64_t n) {
   Chunk c;
   c.s0 = s0;
   c.n = n;
@@ -197,76 +219,36 @@ Chunk make_chunk(const Dims& D, const Prepared& p, const at::Tensor& query, cons
   c.kv = linear2d(c.xc, p.wkv, p.bkv);
   if (!D.shared) {
     c.q_in = query.narrow(0, s0, n).to(D.cdt).contiguous().view({n * D.L, D.C});
-    c.qs = linear2d(c.q_in, p.wq, p.bq).mul_(scale);
+    c.qs = linear2d(c.q_in, p.wq, p.bq);
   }
   return c;
 }
 
-// Fills c.buf with the scaled logits (Qs already holds the scale).
-void compute_logits(const Dims& D, const Prepared& p, Chunk& c) {
-  const int64_t n = c.n, L = D.L, M = D.M, C = D.C, d = D.d;
-  auto opt = c.kv.options();
-  if (D.shared) {
-    c.buf = at::empty({D.H, L, n, M}, opt);
-    for (int64_t h = 0; h < D.H; ++h) {
-      auto out = c.buf.select(0, h).view({L, n * M});
-      at::mm_out(out, p.qs_shared.narrow(1, h * d, d), c.kv.narrow(1, h * d, d).t());
-    }
-  } else {
-    c.buf = at::empty({D.H, n, L, M}, opt);
-    auto q3 = c.qs.view({n, L, C});
-    auto kv3 = c.kv.view({n, M, 2 * C});
-    for (int64_t h = 0; h < D.H; ++h) {
-      auto out = c.buf.select(0, h);
-      at::bmm_out(out, q3.narrow(2, h * d, d), kv3.narrow(2, h * d, d).transpose(1, 2));
-    }
-  }
+// Rows (n*rows, C) of head-interleaved channels -> the (n, H, rows, d) view the attention reads.
+at::Tensor heads_view(const at::Tensor& rows2d, int64_t n, int64_t rows, const Dims& D) {
+  return rows2d.view({n, rows, D.H, D.d}).transpose(1, 2);
 }
 
-// o (n*L, C) = concat_h(P_h V_h) from the probabilities in c.buf; when inv_rowsum (buffer layout,
-// (H, L, n, 1) or (H, n, L, 1)) is given, c.buf holds unnormalised exp(logits - max) and each row
-// of the result is scaled by it (cheaper than normalising the probabilities: C < H*M values per
-// query row, and it rides on the head-interleaving copy).
-at::Tensor attention_output(const Dims& D, const Chunk& c, const at::Tensor& inv_rowsum = at::Tensor()) {
-  const int64_t n = c.n, L = D.L, M = D.M, C = D.C, d = D.d;
-  if (M == 0) return at::zeros({n * L, C}, c.kv.options());
-  auto oh = at::empty({D.H, n, L, d}, c.kv.options());
-  auto kv3 = c.kv.view({n, M, 2 * C});
-  for (int64_t h = 0; h < D.H; ++h) {
-    auto out = oh.select(0, h);
-    at::bmm_out(out, head_probs(D, c, h), kv3.narrow(2, C + h * d, d));
-  }
-  auto o = at::empty({n, L, D.H, d}, c.kv.options());
-  if (inv_rowsum.defined()) {
-    auto inv = D.shared ? inv_rowsum.permute({2, 1, 0, 3}) : inv_rowsum.permute({1, 2, 0, 3});  // (n, L, H, 1)
-    at::mul_out(o, oh.permute({1, 2, 0, 3}), inv);
-  } else {
-    o.copy_(oh.permute({1, 2, 0, 3}));
-  }
-  return o.view({n * L, C});
+// The chunk's attention operands, (n, H, *, d) views: Q (a stride-0 view of the shared query), K, V.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv(const Dims& D, const Prepared& p, const Chunk& c) {
+  const int64_t n = c.n, M = D.M, C = D.C;
+  at::Tensor q = D.shared ? heads_view(p.qs_shared, 1, D.L, D).expand({n, D.H, D.L, D.d})
+                          : heads_view(c.qs, n, D.L, D);
+  auto k = heads_view(c.kv.view({n * M, 2 * C}).narrow(1, 0, C), n, M, D);
+  auto v = heads_view(c.kv.view({n * M, 2 * C}).narrow(1, C, C), n, M, D);
+  return {q, k, v};
 }
 
-// P (n, L, M) (last dim contiguous, any other strides) := P * (dP - Dsum[:, :, h]) with dP (n, L, M)
-// and Dsum (n, L, H) contiguous. One pass, vectorisable inner loop, rows split across threads.
-void softmax_grad_(at::Tensor& P, const at::Tensor& dP, const at::Tensor& Dsum, int64_t h) {
-  const int64_t n = P.size(0), L = P.size(1), M = P.size(2), H = Dsum.size(2);
-  TORCH_INTERNAL_ASSERT(P.stride(2) == 1 && dP.is_contiguous() && Dsum.is_contiguous());
-  const int64_t ps0 = P.stride(0), ps1 = P.stride(1);
-  AT_DISPATCH_FLOATING_TYPES(P.scalar_type(), "token_recovering_attention_softmax_grad", [&] {
-    scalar_t* pp = P.data_ptr<scalar_t>();
-    const scalar_t* pdp = dP.const_data_ptr<scalar_t>();
-    const scalar_t* pd = Dsum.const_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(M, 1));
-    at::parallel_for(0, n * L, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t s = i / L, l = i - s * L;
-        scalar_t* prow = pp + s * ps0 + l * ps1;
-        const scalar_t* dprow = pdp + i * M;
-        const scalar_t dv = pd[i * H + h];
-        for (int64_t m = 0; m < M; ++m) prow[m] *= dprow[m] - dv;
-      }
-    });
-  });
+// (o (n, H, L, d), lse (n, H, L)) of the chunk; M > 0.
+std::tuple<at::Tensor, at::Tensor> attend(const Dims& D, const Prepared& p, const Chunk& c, double scale) {
+  auto [q, k, v] = qkv(D, p, c);
+  return at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, std::nullopt, scale);
+}
+
+// (n, H, rows, d) -> (n*rows, C) head-interleaved rows: a view when the layout allows it (the flash
+// kernel writes (n, rows, H, d) memory), else a copy.
+at::Tensor rows_of(const at::Tensor& nHrd) {
+  return nHrd.transpose(1, 2).reshape({nHrd.size(0) * nHrd.size(2), nHrd.size(1) * nHrd.size(3)});
 }
 
 }  // namespace
@@ -281,7 +263,7 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
   auto out = at::empty({S, L, C}, x.options());
   auto lse = at::empty({S, D.H, L}, x.options().dtype(D.cdt));
   if (S == 0) return {out, lse};
-  const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo, scale);
+  const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo);
   const bool same_dtype = D.cdt == D.dtype;
   const int64_t cs = chunk_size(D, false);
   at::Tensor resid_shared;  // (L, C) query + bo, added to every sequence's output
@@ -289,32 +271,26 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
-    Chunk c = make_chunk(D, p, query, x, s0, n, scale);
+    Chunk c = make_chunk(D, p, query, x, s0, n);
     auto lse_c = lse.narrow(0, s0, n);  // (n, H, L)
-    at::Tensor inv_rowsum;
+    at::Tensor o;
     if (M > 0) {
-      compute_logits(D, p, c);
-      // Row softmax, keeping the log-sum-exp: E = exp(l - m) in place, lse = m + log(sum E); the
-      // normalisation 1 / sum E is applied to o instead of to E.
-      auto m = at::amax(c.buf, {-1}, /*keepdim=*/true);
-      c.buf.sub_(m).exp_();
-      auto ssum = c.buf.sum(-1, /*keepdim=*/true);
-      inv_rowsum = at::reciprocal(ssum);
-      lse_c.copy_(from_buf_layout(D, m.add_(ssum.log_())));
+      auto [oh, lse_h] = attend(D, p, c, scale);
+      lse_c.copy_(lse_h);
+      o = rows_of(oh);
     } else {
       lse_c.fill_(-std::numeric_limits<double>::infinity());
+      o = at::zeros({n * L, C}, c.kv.options());
     }
-    auto o = attention_output(D, c, inv_rowsum);
-    c.buf.reset();
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
     if (D.shared && residual) {
-      at::mm_out(y, o, p.wo.t());
+      gemm_fixed(y, o, p.wo.t());
       y.view({n, L, C}).add_(resid_shared);  // query (+ bo): one pass
     } else {
       if (p.bo.defined())
-        at::addmm_out(y, p.bo, o, p.wo.t());
+        gemm_fixed(y, o, p.wo.t(), p.bo);
       else
-        at::mm_out(y, o, p.wo.t());
+        gemm_fixed(y, o, p.wo.t());
       if (residual) y.view({n, L, C}).add_(c.q_in.view({n, L, C}));
     }
     if (!same_dtype) out.narrow(0, s0, n).view({n * L, C}).copy_(y);
@@ -348,7 +324,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
   auto d_bkv = at::zeros({2 * C}, copt);
   auto d_bo = at::zeros({C}, copt);
   at::Tensor d_query;  // compute dtype; per-sequence: filled chunk by chunk
-  at::Tensor dq_sum, g_sum;  // shared: sum_s dQs_s (unscaled) and sum_s grad_out_s, (L, C)
+  at::Tensor dq_sum, g_sum;  // shared: sum_s dQ_s and sum_s grad_out_s, (L, C)
   if (D.shared) {
     dq_sum = at::zeros({L, C}, copt);
     g_sum = at::zeros({L, C}, copt);
@@ -356,72 +332,51 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     d_query = at::empty({S, L, C}, query.options());
   }
 
-  const Prepared p = S > 0 ? prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo, scale) : Prepared{};
+  const Prepared p = S > 0 ? prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo) : Prepared{};
   const int64_t cs = chunk_size(D, true);
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
-    Chunk c = make_chunk(D, p, query, x, s0, n, scale);
+    Chunk c = make_chunk(D, p, query, x, s0, n);
     auto g = grad_out.narrow(0, s0, n).to(D.cdt).contiguous().view({n * L, C});
-    // dK | dV and (per-sequence query) dQs (unscaled): every element is written below.
-    auto dkv = M > 0 ? at::empty({n * M, 2 * C}, copt) : at::zeros({n * M, 2 * C}, copt);
-    at::Tensor dq_c;
-    if (!D.shared) dq_c = M > 0 ? at::empty({n * L, C}, copt) : at::zeros({n * L, C}, copt);
-    at::Tensor o;
+    at::Tensor o, dkv, dq_c;  // (n*L, C), (n*M, 2C) = dK | dV, (n*L, C) per-sequence dQ
     if (M > 0) {
-      // P = exp(logits - lse), in place.
-      compute_logits(D, p, c);
+      auto [q, k, v] = qkv(D, p, c);
+      auto [oh, lse_h] = attend(D, p, c, scale);  // o again (bitwise the forward's: deterministic)
       auto lse_c = lse.narrow(0, s0, n).to(D.cdt);
-      c.buf.sub_(to_buf_layout(D, lse_c)).exp_();
-      o = attention_output(D, c);
-      auto dO = at::mm(g, p.wo);  // (n*L, C)
-      // rowsum(dO_h * o_h): (n, L, H)
-      auto Dsum = (dO * o).view({n, L, H, d}).sum(-1);
-      auto dO3 = dO.view({n, L, C});
-      auto kv3 = c.kv.view({n, M, 2 * C});
-      auto dkv3 = dkv.view({n, M, 2 * C});
-      for (int64_t h = 0; h < H; ++h) {
-        auto P = head_probs(D, c, h);  // (n, L, M)
-        auto dOh = dO3.narrow(2, h * d, d);
-        auto Kh = kv3.narrow(2, h * d, d);
-        auto Vh = kv3.narrow(2, C + h * d, d);
-        dkv3.narrow(2, C + h * d, d).copy_(at::bmm(P.transpose(1, 2), dOh));  // dV_h = P^T dO_h
-        auto dP = at::bmm(dOh, Vh.transpose(1, 2));                               // (n, L, M)
-        softmax_grad_(P, dP, Dsum, h);  // P_h := dS_h = P * (dP - rowsum(dO * o))
-        if (D.shared) {
-          auto dS = c.buf.select(0, h).view({L, n * M});
-          auto Kh2 = c.kv.narrow(1, h * d, d);  // (n*M, d)
-          dq_sum.narrow(1, h * d, d).addmm_(dS, Kh2);
-          dkv.narrow(1, h * d, d).copy_(at::mm(dS.t(), p.qs_shared.narrow(1, h * d, d)));  // dK_h = dS^T Qs_h
-        } else {
-          dq_c.view({n, L, C}).narrow(2, h * d, d).copy_(at::bmm(P, Kh));
-          dkv3.narrow(2, h * d, d).copy_(at::bmm(P.transpose(1, 2), c.qs.view({n, L, C}).narrow(2, h * d, d)));
-        }
-      }
-      c.buf.reset();
+      auto dO = heads_view(mm_fixed(g, p.wo), n, L, D);  // (n, H, L, d)
+      auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
+          dO, q, k, v, oh, lse_c, 0.0, false, std::nullopt, scale);
+      o = rows_of(oh);
+      dkv = at::cat({rows_of(dk), rows_of(dv)}, 1);
+      if (D.shared)
+        dq_sum.add_(dq.sum(0).transpose(0, 1).reshape({L, C}));  // sum over the chunk's sequences
+      else
+        dq_c = rows_of(dq);
     } else {
       o = at::zeros({n * L, C}, copt);
+      dkv = at::zeros({n * M, 2 * C}, copt);
+      if (!D.shared) dq_c = at::zeros({n * L, C}, copt);
     }
     // Output projection.
-    d_wo.addmm_(g.t(), o);
+    gemm_fixed(d_wo, g.t(), o, {}, true);
     if (has(bo)) d_bo.add_(g.sum(0));
     // K|V projections.
     auto dx_c = dx.narrow(0, s0, n).view({n * M, C});
     if (same_dtype)
-      at::mm_out(dx_c, dkv, p.wkv);
+      gemm_fixed(dx_c, dkv, p.wkv);
     else
-      dx_c.copy_(at::mm(dkv, p.wkv));
-    d_wkv.addmm_(dkv.t(), c.xc);
+      dx_c.copy_(mm_fixed(dkv, p.wkv));
+    gemm_fixed(d_wkv, dkv.t(), c.xc, {}, true);
     if (has(bk) || has(bv)) d_bkv.add_(dkv.sum(0));
     // Query.
     if (D.shared) {
       if (residual) g_sum.add_(g.view({n, L, C}).sum(0));
     } else {
-      dq_c.mul_(scale);
-      auto dqin = at::mm(dq_c, p.wq);
+      auto dqin = mm_fixed(dq_c, p.wq);
       if (residual) dqin.add_(g);
       d_query.narrow(0, s0, n).view({n * L, C}).copy_(dqin);
-      d_wq.addmm_(dq_c.t(), c.q_in);
+      gemm_fixed(d_wq, dq_c.t(), c.q_in, {}, true);
       if (has(bq)) d_bq.add_(dq_c.sum(0));
     }
   }
@@ -429,9 +384,8 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
   if (D.shared) {
     at::Tensor dq = g_sum;  // zeros when not residual
     if (S > 0) {
-      dq_sum.mul_(scale);
-      dq.addmm_(dq_sum, p.wq);
-      d_wq.addmm_(dq_sum.t(), p.q_in_shared);
+      gemm_fixed(dq, dq_sum, p.wq, {}, true);
+      gemm_fixed(d_wq, dq_sum.t(), p.q_in_shared, {}, true);
       if (has(bq)) d_bq.copy_(dq_sum.sum(0));
     }
     d_query = dq.unsqueeze(0).to(D.dtype);
