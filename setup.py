@@ -54,6 +54,9 @@ def _extensions():
 
     debug = _flag("HOT_KERNELS_DEBUG_BUILD")
     cxx = ["-O0", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"] if debug else ["-O3", "-g0"]
+    # No a * b + c -> fma contraction: the AVX2 and AVX-512 paths of the row kernels (which have FMA)
+    # then round exactly as the generic path does (csrc/cpu/tpc_common.h, HK_MULTIVERSION).
+    cxx += ["-ffp-contract=off"]
     cxx += ["-fopenmp"]  # the C++ standard is the one torch asks for (its BuildExtension adds it)
     if _flag("HOT_KERNELS_NATIVE"):
         cxx.append("-march=native")

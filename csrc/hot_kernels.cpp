@@ -149,6 +149,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace hk = hot_kernels;
   m.doc() = "hot_kernels compiled kernels (C++ CPU, and CUDA where built)";
   m.def("ops_for_device", &hk::ops_for_device, "names of the ops this build implements on a device");
+  m.def("cpu_isas_supported", &hk::cpu_isas_supported, "CPU instruction-set paths this CPU runs, best first");
+  m.def("cpu_isa", &hk::cpu_isa, "the CPU instruction-set path the row kernels take now");
+  m.def("set_cpu_isa", &hk::set_cpu_isa, "take this CPU instruction-set path; returns the previous one");
   m.def("pairwise_distance", &hk::pairwise_distance);
   m.def("pairwise_distance_backward", &hk::pairwise_distance_backward);
   m.def("knn_density", &hk::knn_density);

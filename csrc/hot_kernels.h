@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>  // declarations only: kept light so nvcc compiles csrc/cuda quickly
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -72,6 +73,13 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
     const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
     bool residual);
+
+// Instruction-set path of the CPU row kernels (csrc/cpu/cpu_isa.cpp): "avx512", "avx2" or
+// "generic". cpu_isas_supported(): the paths this CPU runs, best first; set_cpu_isa returns the
+// previous path and refuses a path the CPU cannot run.
+std::vector<std::string> cpu_isas_supported();
+std::string cpu_isa();
+std::string set_cpu_isa(const std::string& name);
 
 #ifdef HOT_KERNELS_WITH_CUDA
 // ---- CUDA (csrc/cuda/) -----------------------------------------------------------------------

@@ -7,7 +7,15 @@ attention (``token_recovering_attention``), on the ``reference`` (PyTorch), ``cp
 """
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from . import compat, nn, patch, reference
-from ._dispatch import BACKENDS, BackendUnavailableError, available_backends, use_backend
+from ._dispatch import (
+    BACKENDS,
+    BackendUnavailableError,
+    available_backends,
+    cpu_isa,
+    supported_cpu_isas,
+    use_backend,
+    use_cpu_isa,
+)
 from ._validate import HotKernelsInputError
 from .functional import (
     dpc_delta,
@@ -27,6 +35,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "compat",
+    "cpu_isa",
     "nn",
     "patch",
     "dpc_delta",
@@ -37,5 +46,7 @@ __all__ = [
     "token_pruning_cluster",
     "token_recovering_attention",
     "topf_select",
+    "supported_cpu_isas",
     "use_backend",
+    "use_cpu_isa",
 ]

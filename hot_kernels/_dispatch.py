@@ -66,6 +66,53 @@ def use_backend(name: str):
         _override.pop()
 
 
+CPU_ISA_ENV = "HOT_KERNELS_CPU_ISA"
+CPU_ISAS = ("avx512", "avx2", "generic")
+
+
+def supported_cpu_isas() -> tuple[str, ...]:
+    """The instruction-set paths of the cpu backend's row kernels that this CPU runs, best first
+    (x86-64 with AVX-512: ("avx512", "avx2", "generic"); without the compiled extension: ())."""
+    return () if _ext.C is None else tuple(_ext.C.cpu_isas_supported())
+
+
+def cpu_isa() -> str | None:
+    """The path the cpu backend's row kernels take now: the best this CPU runs, unless lowered by
+    ``HOT_KERNELS_CPU_ISA`` (read when the extension loads) or :func:`use_cpu_isa`. None without
+    the compiled extension. Every path computes bitwise the same values except the fp32 distance
+    GEMM, which is a hand-written AVX-512 kernel on "avx512" and BLAS on the others."""
+    return None if _ext.C is None else _ext.C.cpu_isa()
+
+
+@contextlib.contextmanager
+def use_cpu_isa(name: str):
+    """Run the cpu backend's kernels on instruction-set path ``name`` ("avx512", "avx2" or
+    "generic") inside the ``with`` block: e.g. the AVX2 or generic code on an AVX-512 machine, to
+    test or time it. Raises ValueError for a path this CPU cannot run. Process-wide (not per thread)."""
+    if name not in CPU_ISAS:
+        raise ValueError(f"use_cpu_isa(name): unknown CPU instruction-set path {name!r}; expected one of {', '.join(CPU_ISAS)}")
+    if name not in supported_cpu_isas():
+        have = ", ".join(supported_cpu_isas()) or "none (hot_kernels._C is not available)"
+        raise ValueError(f"use_cpu_isa(name): this CPU cannot run the {name!r} path; it runs: {have}")
+    previous = _ext.C.set_cpu_isa(name)
+    try:
+        yield
+    finally:
+        _ext.C.set_cpu_isa(previous)
+
+
+def _check_cpu_isa_env() -> None:
+    value = os.environ.get(CPU_ISA_ENV)
+    if value and value not in CPU_ISAS:
+        import warnings
+
+        warnings.warn(f"hot_kernels: {CPU_ISA_ENV}={value!r} is not one of {', '.join(CPU_ISAS)}; ignored "
+                      f"(the cpu backend takes the best path this CPU runs)", stacklevel=3)
+
+
+_check_cpu_isa_env()
+
+
 def _check_name(name, where: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

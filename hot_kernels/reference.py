@@ -78,7 +78,8 @@ def _distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     # Rounding bound of the Gram form (dot products of length C): |d2' - d2| <= 2 C eps (|x_i|^2 +
     # |y_j|^2); 4 C eps leaves room for the final additions.
     with torch.no_grad():
-        same = (sq_x[:, :, None] == sq_y[:, None, :]) & (d2.abs() <= sq_sum * (4 * C * torch.finfo(dt).eps))
+        bound = sq_sum * (4 * C * torch.finfo(dt).eps)  # +inf where |x|^2 overflows: no claim there
+        same = (sq_x[:, :, None] == sq_y[:, None, :]) & (d2.abs() <= bound) & torch.isfinite(bound)
         if y is None:
             same |= torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
     d2 = d2.masked_fill(same, 0.0).clamp_min(0.0)  # cancellation can make it slightly negative

@@ -8,6 +8,7 @@ per dtype from TOL; selections compared exactly in float64 and tie-aware otherwi
 (tests/selection.py proves a differing pick was a near-tie). Targets are (backend, device) pairs:
 cpu and triton (interpreted) on CPU tensors here; cuda and triton on CUDA tensors with a GPU.
 """
+import contextlib
 import math
 
 import pytest
@@ -25,11 +26,12 @@ class Target:
     """A backend and the device its inputs live on: tests build inputs on the CPU, ``run`` moves
     them to the device (differentiably) and brings the outputs back to the CPU for checking."""
 
-    def __init__(self, backend: str, device: str):
-        self.backend, self.device = backend, torch.device(device)
+    def __init__(self, backend: str, device: str, isa: str | None = None):
+        self.backend, self.device, self.isa = backend, torch.device(device), isa
 
     def __repr__(self):
-        return f"{self.backend}-{self.device.type}"
+        # cpu-cpu is the path this CPU takes by default; cpu.avx2-cpu, cpu.generic-cpu the lower ones.
+        return f"{self.backend}{'' if self.isa is None else '.' + self.isa}-{self.device.type}"
 
     def require(self, op: str, dtype: torch.dtype = torch.float32) -> None:
         why = hk.available_backends(self.device, op, dtype)[self.backend]
@@ -44,8 +46,9 @@ class Target:
         return obj
 
     def run(self, fn, *args, **kwargs):
-        out = fn(*self.to(args), **{k: self.to(v) for k, v in kwargs.items()}, backend=self.backend)
-        return _to_cpu(out)
+        with contextlib.nullcontext() if self.isa is None else hk.use_cpu_isa(self.isa):
+            out = fn(*self.to(args), **{k: self.to(v) for k, v in kwargs.items()}, backend=self.backend)
+            return _to_cpu(out)
 
 
 def _to_cpu(obj):
@@ -57,7 +60,13 @@ def _to_cpu(obj):
 
 
 def _targets():
-    return [Target(b, d) for b, d in runnable(backends_on_cpu=("cpu", "triton"))]
+    """Every runnable (backend, device), and the cpu backend once more on each lower instruction-set
+    path this CPU runs (AVX2 and generic code on an AVX-512 machine: CI tests every path whatever
+    machine it gets)."""
+    found = [Target(b, d) for b, d in runnable(backends_on_cpu=("cpu", "triton"))]
+    if any(t.backend == "cpu" for t in found):
+        found += [Target("cpu", "cpu", isa) for isa in hk.supported_cpu_isas()[1:]]
+    return found
 
 
 @pytest.fixture(autouse=True)

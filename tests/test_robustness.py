@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -874,6 +875,53 @@ def test_cpu_results_do_not_depend_on_the_thread_count(target):
         torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(one, two)):
         assert _same(a, b), f"output {i} differs between 1 and {max(2, threads)} threads"
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.backend == "cpu"], ids=str)
+def test_cpu_instruction_set_paths_agree_bitwise(target):
+    """The AVX-512, AVX2 and generic paths of the row kernels compute the same values bitwise (fixed
+    reduction orders, no fma contraction); only the fp32 distance GEMM differs between the AVX-512
+    path (a hand-written kernel) and the others (BLAS), so fp32 is compared between AVX2 and
+    generic, float64 (BLAS on every path) across all of them."""
+    isas = hk.supported_cpu_isas()
+    assert isas[-1] == "generic" and hk.cpu_isa() in isas
+    for dtype in (torch.float32, torch.float64):
+        paths = [i for i in isas if dtype == torch.float64 or i != "avx512"]
+        results = {}
+        for isa in paths:
+            with hk.use_cpu_isa(isa):
+                assert hk.cpu_isa() == isa
+                results[isa] = _all_ops(target, dtype)
+                x = target.t(2, 450, 8, seed=21, dtype=dtype).cumsum(1)  # one sample split across threads
+                results[isa] += list(DK(x, 100, 5, return_assignment=True, backend="cpu"))
+                x = target.t(1, 2100, 4, seed=22, dtype=dtype).cumsum(1)  # N > 2048: the panel path
+                results[isa] += [KD(x, 3, log=True, backend="cpu"), *DK(x, 300, 3, return_assignment=True, backend="cpu")]
+        for isa in paths[:-1]:
+            for i, (a, b) in enumerate(zip(results[isa], results["generic"])):
+                assert _same(a, b), f"{dtype}: output {i} differs between the {isa} and generic paths"
+    assert hk.cpu_isa() == isas[0], "use_cpu_isa must restore the path"
+
+
+def test_cpu_instruction_set_switch_contract():
+    if hk.available_backends("cpu")["cpu"] is not None:
+        pytest.skip("no cpu backend")
+    with pytest.raises(ValueError, match="unknown CPU instruction-set path 'sse9'"):
+        with hk.use_cpu_isa("sse9"):
+            pass
+    missing = [i for i in ("avx512", "avx2") if i not in hk.supported_cpu_isas()]
+    for isa in missing:
+        with pytest.raises(ValueError, match="cannot run"):
+            with hk.use_cpu_isa(isa):
+                pass
+    # The environment variable picks the path at load time (what CI on another machine would use).
+    code = "import hot_kernels as hk; print(hk.cpu_isa())"
+    for isa, want in (("generic", "generic"), ("bogus", hk.supported_cpu_isas()[0])):
+        env = dict(os.environ, HOT_KERNELS_CPU_ISA=isa)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.strip() == want
+        if isa == "bogus":
+            assert "HOT_KERNELS_CPU_ISA='bogus' is not one of" in run.stderr
 
 
 # ---- large tensors -----------------------------------------------------------------------------------------

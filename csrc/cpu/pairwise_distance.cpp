@@ -15,7 +15,7 @@ void self_distance(const T* x, int64_t B, int64_t N, int64_t C, T* out) {
   std::vector<T> sq(B * sqs, T(0));
   const int nt = tpc::max_threads();
   std::vector<std::vector<T>> scratch(nt, std::vector<T>(2 * C));
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t b = 0; b < B; ++b)
     tpc::center_sample(x + b * N * C, N, C, static_cast<const bool*>(nullptr), xc.data() + b * ss, ld,
                        sq.data() + b * sqs, scratch[tpc::thread_id()].data());
@@ -41,7 +41,7 @@ void cross_distance(const T* x, const T* y, int64_t B, int64_t N, int64_t M, int
   const int nt = tpc::max_threads();
   std::vector<std::vector<T>> scratch(nt, std::vector<T>(2 * C));
   // Both sides shifted by their common mean (finite entries): distances unchanged, less cancellation.
-#pragma omp parallel for schedule(dynamic, 1) num_threads(static_cast<int>(std::min<int64_t>(nt, B)))
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
   for (int64_t b = 0; b < B; ++b) {
     const T* mean = tpc::channel_mean(x + b * N * C, N, static_cast<const bool*>(nullptr), y + b * M * C, M, C,
                                       scratch[tpc::thread_id()].data());

@@ -32,7 +32,7 @@
 //    assignment there comes from one more GEMM of each row tile against the kept tokens (same Gram
 //    form and refinement, not the canonical blocks: equal to them up to rounding).
 //
-// Set HOT_KERNELS_CPU_NO_AVX512 (any value) in the environment to force the BLAS path (read once).
+// The AVX-512 Gram kernel runs on the AVX-512 path only (cpu_isa::level()); the others use BLAS.
 #pragma once
 
 #include "../hot_kernels.h"
@@ -55,18 +55,22 @@
 #include <omp.h>
 #endif
 
-// Row kernels are compiled for AVX-512 and AVX2 besides the baseline and picked at load time (the
-// extension itself is built for the baseline ISA). Every reduction below has a fixed order, so all
-// versions compute the same values. Define HOT_KERNELS_NO_CLONES to build only the baseline.
+// Instruction-set paths. Every row kernel below (the HK_MULTIVERSION ones) is compiled three times
+// from one body: for x86-64-v4 (AVX-512), x86-64-v3 (AVX2 + FMA) and the baseline ISA (the
+// extension itself is built for the baseline), and each call takes the path cpu_isa::level()
+// names: the best this CPU runs, lowered at run time by HOT_KERNELS_CPU_ISA or
+// hot_kernels.use_cpu_isa() (cpu_isa.cpp), so one machine can run - and CI can test - every path
+// its CPU supports. Every reduction below has a fixed order, so all paths compute the same values;
+// only the AVX-512 Gram kernel (further down) differs from the BLAS one it replaces. A kernel body
+// is an always_inline *_impl function: inlined into a wrapper with a target attribute, it is
+// compiled for that target. Define HOT_KERNELS_NO_CLONES to build only the baseline.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__) && \
     !defined(HOT_KERNELS_NO_CLONES)
-#define HK_HOT __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define HK_HOT
+#define HK_ISA_CLONES 1
 #endif
+#define HK_HOT_IMPL __attribute__((always_inline)) inline
 
-// The AVX-512 Gram kernel (fp32, full block), used when the CPU has AVX-512F at run time and the
-// environment does not set HOT_KERNELS_CPU_NO_AVX512; BLAS otherwise.
+// The AVX-512 Gram kernel (fp32, full block), used on the AVX-512 path; BLAS otherwise.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(HOT_KERNELS_NO_AVX512)
 #define HK_AVX512_GRAM 1
 #include <immintrin.h>
@@ -107,17 +111,48 @@ inline int thread_id() {
 #endif
 }
 
+// The instruction-set path of this call (cpu_isa.cpp): 0 generic, 1 AVX2, 2 AVX-512.
+namespace cpu_isa {
+enum Level : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+int level();
+}  // namespace cpu_isa
+
 inline bool use_avx512_gram() {
 #ifdef HK_AVX512_GRAM
-  static const bool ok = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && std::getenv("HOT_KERNELS_CPU_NO_AVX512") == nullptr;
-  }();
-  return ok;
+  return cpu_isa::level() >= cpu_isa::kAvx512;
 #else
   return false;
 #endif
 }
+
+// One name, three compiled paths (see HK_ISA_CLONES): name(args...) calls name_impl compiled for
+// the current path. Arguments are forwarded as they are, so the body's template arguments are
+// deduced exactly as for a direct call.
+#ifdef HK_ISA_CLONES
+#define HK_MULTIVERSION(name)                                                                            \
+  template <typename... A>                                                                               \
+  __attribute__((target("arch=x86-64-v4"))) inline auto name##_v4(A&&... a) {                            \
+    return name##_impl(std::forward<A>(a)...);                                                           \
+  }                                                                                                      \
+  template <typename... A>                                                                               \
+  __attribute__((target("arch=x86-64-v3"))) inline auto name##_v3(A&&... a) {                            \
+    return name##_impl(std::forward<A>(a)...);                                                           \
+  }                                                                                                      \
+  template <typename... A>                                                                               \
+  inline auto name(A&&... a) {                                                                           \
+    switch (cpu_isa::level()) {                                                                          \
+      case cpu_isa::kAvx512: return name##_v4(std::forward<A>(a)...);                                     \
+      case cpu_isa::kAvx2: return name##_v3(std::forward<A>(a)...);                                       \
+      default: return name##_impl(std::forward<A>(a)...);                                                 \
+    }                                                                                                    \
+  }
+#else
+#define HK_MULTIVERSION(name)                                                                            \
+  template <typename... A>                                                                               \
+  inline auto name(A&&... a) {                                                                           \
+    return name##_impl(std::forward<A>(a)...);                                                           \
+  }
+#endif
 
 // Row stride of a centred copy: C rounded up to 16, plus 16 (breaks the power-of-two strides whose
 // rows alias in the L1 cache). The padding columns are zero.
@@ -201,7 +236,7 @@ inline void gemm_abt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, c
 
 // Channel sums of rows [0, n) (mask: only real rows), accumulated into sum.
 template <typename T>
-HK_HOT void channel_sums(const T* x, int64_t n, int64_t C, const bool* mask, T* sum) {
+HK_HOT_IMPL void channel_sums_impl(const T* x, int64_t n, int64_t C, const bool* mask, T* sum) {
   for (int64_t i = 0; i < n; ++i) {
     if (mask && !mask[i]) continue;
     const T* xi = x + i * C;
@@ -209,10 +244,11 @@ HK_HOT void channel_sums(const T* x, int64_t n, int64_t C, const bool* mask, T* 
     for (int64_t c = 0; c < C; ++c) sum[c] += xi[c];
   }
 }
+HK_MULTIVERSION(channel_sums)
 
 // The same over the finite entries only, with their counts (used when the plain sum is not finite).
 template <typename T>
-HK_HOT void channel_sums_finite(const T* x, int64_t n, int64_t C, const bool* mask, T* sum, T* cnt) {
+HK_HOT_IMPL void channel_sums_finite_impl(const T* x, int64_t n, int64_t C, const bool* mask, T* sum, T* cnt) {
   for (int64_t i = 0; i < n; ++i) {
     if (mask && !mask[i]) continue;
     const T* xi = x + i * C;
@@ -225,11 +261,12 @@ HK_HOT void channel_sums_finite(const T* x, int64_t n, int64_t C, const bool* ma
     }
   }
 }
+HK_MULTIVERSION(channel_sums_finite)
 
 // xc = x - mean (rows of xc at stride ldx; its padding is left alone) and sq_i = |xc_i|^2 (16
 // partial sums, fixed order) for rows [0, n), in one pass. Non-finite entries stay non-finite.
 template <typename T>
-HK_HOT void subtract_mean(const T* x, int64_t n, int64_t C, const T* mean, T* xc, int64_t ldx, T* sq) {
+HK_HOT_IMPL void subtract_mean_impl(const T* x, int64_t n, int64_t C, const T* mean, T* xc, int64_t ldx, T* sq) {
   for (int64_t i = 0; i < n; ++i) {
     const T* xi = x + i * C;
     T* yi = xc + i * ldx;
@@ -252,6 +289,7 @@ HK_HOT void subtract_mean(const T* x, int64_t n, int64_t C, const T* mean, T* xc
     sq[i] = acc[0];
   }
 }
+HK_MULTIVERSION(subtract_mean)
 
 // Mean of the finite entries of the real rows of x (n rows) and, when y is given, of y's rows too
 // (ny rows, all real); 0 for a channel with no finite entry. scratch: 2 C; returns scratch[0, C).
@@ -296,7 +334,7 @@ inline void center_sample(const T* x, int64_t N, int64_t C, const bool* mask, T*
 // A row segment of Gram values -> e, in place: g[j] = x_i . y_j on entry, e(i, j) on exit. sq_i =
 // |x_i|^2, sqy[j] = |y_j|^2; xi and the rows of y (stride ldy) for the exact recomputation.
 template <typename T>
-HK_HOT void gram_to_e(T* g, int64_t n, T sq_i, const T* sqy, const T* xi, const T* y, int64_t ldy, int64_t C) {
+HK_HOT_IMPL void gram_to_e_impl(T* g, int64_t n, T sq_i, const T* sqy, const T* xi, const T* y, int64_t ldy, int64_t C) {
   const T div = static_cast<T>(kRefineDiv);
   int refine = 0;
   for (int64_t j = 0; j < n; ++j) {
@@ -313,12 +351,14 @@ HK_HOT void gram_to_e(T* g, int64_t n, T sq_i, const T* sqy, const T* xi, const 
     }
   }
 }
+HK_MULTIVERSION(gram_to_e)
 
 // In place e -> D over n values.
 template <typename T>
-HK_HOT void e_to_dist(T* v, int64_t n, T scale) {
+HK_HOT_IMPL void e_to_dist_impl(T* v, int64_t n, T scale) {
   for (int64_t j = 0; j < n; ++j) v[j] = finish(v[j], scale);
 }
+HK_MULTIVERSION(e_to_dist)
 
 // ---- full block (N <= kFullMaxN) ---------------------------------------------------------------
 
@@ -327,18 +367,19 @@ inline int64_t stair_tiles(int64_t N) { return (N + kStairTile - 1) / kStairTile
 // The e values of rows [r0, r1) (one staircase tile whose GEMM is done): upper part from the Gram
 // entries, mirrored, zero diagonal.
 template <typename T>
-HK_HOT void stair_rows_to_e(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, T* D, int64_t r0,
+HK_HOT_IMPL void stair_rows_to_e_impl(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, T* D, int64_t r0,
                             int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
     T* row = D + i * N;
     row[i] = T(0);
     const int64_t n = N - i - 1;
     if (n <= 0) continue;
-    gram_to_e(row + i + 1, n, sq[i], sq + i + 1, xc + i * ld, xc + (i + 1) * ld, ld, C);
+    gram_to_e_impl(row + i + 1, n, sq[i], sq + i + 1, xc + i * ld, xc + (i + 1) * ld, ld, C);
     T* col = D + (i + 1) * N + i;
     for (int64_t j = 0; j < n; ++j) col[j * N] = row[i + 1 + j];
   }
 }
+HK_MULTIVERSION(stair_rows_to_e)
 
 #ifdef HK_AVX512_GRAM
 namespace avx512 {
@@ -492,11 +533,12 @@ inline void full_block_tiles(const T* xc, int64_t ld, const T* sq, int64_t N, in
 // ---- panels (N > kFullMaxN) --------------------------------------------------------------------
 
 template <typename T>
-HK_HOT void transpose_block(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
+HK_HOT_IMPL void transpose_block_impl(const T* src, int64_t rows, int64_t cols, T* dst, int64_t ldd) {
   // dst[j][i] = src[i][j], src rows x cols (ld cols)
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) dst[j * ldd + i] = src[i * cols + j];
 }
+HK_MULTIVERSION(transpose_block)
 
 // The canonical e values between the tokens of tile a (rows) and tile b (columns), into out (rows
 // of tile a, ld = ldo). scratch: tile * tile. Tile t covers [t * tile, min(N, (t + 1) * tile)).
@@ -568,7 +610,7 @@ struct KState {
 };
 
 template <typename T>
-HK_HOT T min_pen(const T* v, const T* pen, int64_t len, T m) {
+HK_HOT_IMPL T min_pen_impl(const T* v, const T* pen, int64_t len, T m) {
   if (pen == nullptr) {
 #pragma omp simd reduction(min : m)
     for (int64_t j = 0; j < len; ++j) m = v[j] < m ? v[j] : m;
@@ -581,6 +623,7 @@ HK_HOT T min_pen(const T* v, const T* pen, int64_t len, T m) {
   }
   return m;
 }
+HK_MULTIVERSION(min_pen)
 
 // The scalar tail shared by both pushes: values j0 <= j < len (fewer than kLanes) go into lane
 // j - j0, through the same compare-exchange chain as the vector body.
@@ -600,7 +643,7 @@ inline void lanes_push_tail(T* m, int64_t K, const T* v, const T* pen, int64_t j
 }
 
 template <typename T, int K>
-HK_HOT void lanes_push(T* m, const T* v, const T* pen, int64_t len) {
+HK_HOT_IMPL void lanes_push_impl(T* m, const T* v, const T* pen, int64_t len) {
   constexpr int W = kLanes;
   int64_t j0 = 0;
   for (; j0 + W <= len; j0 += W) {
@@ -630,10 +673,31 @@ HK_HOT void lanes_push(T* m, const T* v, const T* pen, int64_t len) {
   }
   lanes_push_tail(m, K, v, pen, j0, len);
 }
+#ifdef HK_ISA_CLONES
+template <typename T, int K>
+__attribute__((target("arch=x86-64-v4"))) inline void lanes_push_v4(T* m, const T* v, const T* pen, int64_t len) {
+  lanes_push_impl<T, K>(m, v, pen, len);
+}
+template <typename T, int K>
+__attribute__((target("arch=x86-64-v3"))) inline void lanes_push_v3(T* m, const T* v, const T* pen, int64_t len) {
+  lanes_push_impl<T, K>(m, v, pen, len);
+}
+#endif
+template <typename T, int K>
+inline void lanes_push(T* m, const T* v, const T* pen, int64_t len) {
+#ifdef HK_ISA_CLONES
+  switch (cpu_isa::level()) {
+    case cpu_isa::kAvx512: return lanes_push_v4<T, K>(m, v, pen, len);
+    case cpu_isa::kAvx2: return lanes_push_v3<T, K>(m, v, pen, len);
+    default: break;
+  }
+#endif
+  lanes_push_impl<T, K>(m, v, pen, len);
+}
 
 // The same network with a run-time depth K (kLaneK < K <= kLaneKMax).
 template <typename T>
-HK_HOT void lanes_push_dyn(T* m, int64_t K, const T* v, const T* pen, int64_t len) {
+HK_HOT_IMPL void lanes_push_dyn_impl(T* m, int64_t K, const T* v, const T* pen, int64_t len) {
   constexpr int W = kLanes;
   int64_t j0 = 0;
   for (; j0 + W <= len; j0 += W) {
@@ -656,6 +720,7 @@ HK_HOT void lanes_push_dyn(T* m, int64_t K, const T* v, const T* pen, int64_t le
   }
   lanes_push_tail(m, K, v, pen, j0, len);
 }
+HK_MULTIVERSION(lanes_push_dyn)
 
 template <typename T>
 inline void big_insert(KState<T>& s, T x) {
@@ -668,7 +733,7 @@ inline void big_insert(KState<T>& s, T x) {
 }
 
 template <typename T>
-HK_HOT void big_push(KState<T>& s, const T* v, const T* pen, int64_t len) {
+HK_HOT_IMPL void big_push_impl(KState<T>& s, const T* v, const T* pen, int64_t len) {
   constexpr int64_t W = 16;
   int64_t j0 = 0;
   for (; j0 + W <= len; j0 += W) {
@@ -683,6 +748,7 @@ HK_HOT void big_push(KState<T>& s, const T* v, const T* pen, int64_t len) {
   for (int64_t j = j0; j < len; ++j)
     if (v[j] < s.thr && (pen == nullptr || pen[j] == T(0))) big_insert(s, v[j]);
 }
+HK_MULTIVERSION(big_push)
 
 template <typename T>
 inline void kstate_push_range(KState<T>& s, const T* v, const T* pen, int64_t len) {
@@ -700,7 +766,7 @@ inline void kstate_push_range(KState<T>& s, const T* v, const T* pen, int64_t le
     case 6: return lanes_push<T, 6>(s.buf, v, pen, len);
     case 7: return lanes_push<T, 7>(s.buf, v, pen, len);
     case 8: return lanes_push<T, 8>(s.buf, v, pen, len);
-    default: return lanes_push_dyn<T>(s.buf, s.ko, v, pen, len);
+    default: return lanes_push_dyn(s.buf, s.ko, v, pen, len);
   }
 }
 
@@ -789,7 +855,7 @@ inline void minstate_offer(MinState<T>& s, T e, int64_t j, T scale) {
 // Streaming form (panel path): columns j0 + [0, len) of a row, e values v, ranks rank[0..len);
 // candidates are the columns ranked before ri (the higher tokens).
 template <typename T>
-HK_HOT void delta_push(MinState<T>& s, const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t j0, int64_t len,
+HK_HOT_IMPL void delta_push_impl(MinState<T>& s, const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t j0, int64_t len,
                        T scale) {
   constexpr int64_t W = 16;
   int64_t c0 = 0;
@@ -808,12 +874,13 @@ HK_HOT void delta_push(MinState<T>& s, const T* v, const IndexFor<T>* rank, Inde
   for (; c0 < len; ++c0)
     if (rank[c0] < ri && v[c0] <= s.bound) minstate_offer(s, v[c0], j0 + c0, scale);
 }
+HK_MULTIVERSION(delta_push)
 
 // Full-row form: the first column attaining the minimum D among the columns ranked before ri
 // (ri > 0, so there is one). A min-reduction of e over those columns, then the first of them whose
 // D equals finish(min) (an e up to e_hi(min) may round to the same D). Returns D, sets arg.
 template <typename T>
-HK_HOT T delta_row(const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t N, T scale, int64_t& arg) {
+HK_HOT_IMPL T delta_row_impl(const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t N, T scale, int64_t& arg) {
   T m = inf<T>();
 #pragma omp simd reduction(min : m)
   for (int64_t j = 0; j < N; ++j) {
@@ -846,10 +913,11 @@ HK_HOT T delta_row(const T* v, const IndexFor<T>* rank, IndexFor<T> ri, int64_t 
   arg = j < N ? j : 0;
   return d;
 }
+HK_MULTIVERSION(delta_row)
 
 // Largest e of a real row over the real columns (e >= 0 and never NaN, so 0 is neutral).
 template <typename T>
-HK_HOT T max_e_real(const T* v, const T* pen, int64_t len, T cur) {
+HK_HOT_IMPL T max_e_real_impl(const T* v, const T* pen, int64_t len, T cur) {
   T m = cur;
   if (pen == nullptr) {
 #pragma omp simd reduction(max : m)
@@ -863,12 +931,13 @@ HK_HOT T max_e_real(const T* v, const T* pen, int64_t len, T cur) {
   }
   return m;
 }
+HK_MULTIVERSION(max_e_real)
 
 // ---- assignment ---------------------------------------------------------------------------------
 
 // Position p's row of e against rows [r0, r1): the running first-argmin of e (p = 0 initialises).
 template <typename T>
-HK_HOT void assign_first(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, T* be, IndexFor<T>* bp) {
+HK_HOT_IMPL void assign_first_impl(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, T* be, IndexFor<T>* bp) {
 #pragma omp simd
   for (int64_t i = r0; i < r1; ++i) {
     const bool better = p == 0 || row[i] < be[i];
@@ -876,10 +945,11 @@ HK_HOT void assign_first(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, T*
     bp[i] = better ? p : bp[i];
   }
 }
+HK_MULTIVERSION(assign_first)
 
 // Near-tie pass: a lower position whose distinct e rounds to the same D wins.
 template <typename T>
-HK_HOT void assign_ties(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, const T* be, const T* hi,
+HK_HOT_IMPL void assign_ties_impl(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, const T* be, const T* hi,
                         IndexFor<T>* bp, T scale) {
   constexpr int64_t W = 16;
   int64_t i0 = r0;
@@ -895,6 +965,7 @@ HK_HOT void assign_ties(const T* row, IndexFor<T> p, int64_t r0, int64_t r1, con
   for (int64_t i = i0; i < r1; ++i)
     if (p < bp[i] && row[i] <= hi[i] && finish(row[i], scale) == finish(be[i], scale)) bp[i] = p;
 }
+HK_MULTIVERSION(assign_ties)
 
 // Rows [r0, r1): row(p)[i] = e(kept p, i) == e(i, kept p) for p in [0, f); asg[i] = the lowest
 // position attaining the minimum D. be, hi: scratch (T), bp: scratch (IndexFor<T>), indexed by i.
@@ -1398,8 +1469,12 @@ inline void run(const Job<T>& job) {
   const int used = static_cast<int>(std::min<int64_t>(nt, job.B));
   std::vector<SampleWork<T>> ws(used);
   for (auto& w : ws) size_work(job, w);
-  // Round-robin (the samples cost the same), so that each thread knows its next sample.
-#pragma omp parallel for schedule(static, 1) num_threads(used)
+  // Round-robin (the samples cost the same), so that each thread knows its next sample. The team
+  // is all nt threads even when B < nt (the extra ones find no sample): every BLAS call of the row
+  // tiles then runs inside an active parallel region, where BLAS is single-threaded. A team of 1
+  // would let a multi-threaded BLAS open a nested team per GEMM (the distance block is BLAS on
+  // the AVX2 and generic paths), next to the pool threads other torch ops leave spinning.
+#pragma omp parallel for schedule(static, 1) num_threads(nt)
   for (int64_t b = 0; b < job.B; ++b) full_sample(job, b, ws[thread_id()], b + used < job.B ? b + used : -1);
 }
 
