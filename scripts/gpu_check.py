@@ -310,7 +310,8 @@ class Check:
         except (OSError, ValueError):
             rep = {}
         if rc == "timeout":
-            status, detail = "failed", f"timed out after {limit:.0f} s"
+            status, detail = "failed", (f"timed out after {limit:.0f} s; so far {rep.get('passed', 0)} passed, "
+                                        f"{rep.get('failed', 0)} failed")
         elif rep:
             status = "passed" if rc == 0 else "failed"
             detail = f"{rep.get('passed', 0)} passed, {rep.get('failed', 0)} failed, {rep.get('skipped', 0)} skipped"

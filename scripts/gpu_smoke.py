@@ -291,19 +291,20 @@ def refusal(dev, be, op, dt):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    p.add_argument("--json", help="write the report here")
+    p.add_argument("--backends", help="comma list (default: cuda,triton on cuda; cpu on cpu)")
+    p.add_argument("--json", help="write the report here (rewritten after every check)")
     p.add_argument("--focused", action="store_true", help="the sanitizer subset: float32 + bfloat16, no engine run")
     p.add_argument("--engine-only", action="store_true", help="only the distance engine checks")
     a = p.parse_args(argv)
     t0 = time.time()
     if a.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device (torch.cuda.is_available() is False)")
-        report = dict(status="skipped", reason="no CUDA", checks=[])
         if a.json:
-            json.dump(report, open(a.json, "w"), indent=1)
+            with open(a.json, "w") as f:
+                json.dump(dict(status="skipped", reason="no CUDA", checks=[]), f, indent=1)
         return 0
     dev = torch.device(a.device)
-    backends = ("cuda", "triton") if a.device == "cuda" else ("cpu",)
+    backends = a.backends.split(",") if a.backends else (["cuda", "triton"] if a.device == "cuda" else ["cpu"])
     dtypes = dict(DTYPES) if a.device == "cuda" else {"float32": torch.float32}
     if a.focused:
         dtypes.pop("float16", None)
@@ -312,50 +313,55 @@ def main(argv=None):
     torch.use_deterministic_algorithms(True, warn_only=True)
     det.fill_uninitialized_memory = True
     os.environ.setdefault("HOT_KERNELS_POISON", "1")
-
     gram = os.environ.get("HOT_KERNELS_CUDA_GRAM", "default") or "default"
-    checks = []
-    if not a.engine_only:
-        for be in backends:
+    report = dict(status="running", device=device_name(dev), gram_engine=gram, checks=[])
+
+    def save(*recs):
+        report["checks"] += recs
+        for k in ("passed", "failed", "skipped"):
+            report[k] = sum(c["status"] == k for c in report["checks"])
+        report["wall_s"] = round(time.time() - t0, 1)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+    distances = {}
+    for be in backends:  # backend by backend, so that a run cut short has whole backends
+        if not a.engine_only:
             for name, dt in dtypes.items():
                 for op, fn in OP_CHECKS:
                     why = refusal(dev, be, op, dt)
                     if why is not None:
-                        checks.append(dict(check=op, backend=be, dtype=name, status="skipped", detail=why))
                         print(f"SKIPPED {be:7s} {name:9s} {op}: {why}")
-                        continue
-                    checks.append(record(op, be, name, lambda fn=fn, be=be, dt=dt: fn(dev, be, dt)))
-    engines = {}
-    if not a.focused:
-        eng, dist = engine_checks(dev, backends, dtypes, f"HOT_KERNELS_CUDA_GRAM={gram}")
-        checks += eng
-        engines[gram] = dist
-        if not a.engine_only and gram == "default":
-            checks += fma_engine(dev, a, dist)
+                        save(dict(check=op, backend=be, dtype=name, status="skipped", detail=why))
+                    else:
+                        save(record(op, be, name, lambda fn=fn, be=be, dt=dt: fn(dev, be, dt)))
+        if not a.focused:
+            eng, dist = engine_checks(dev, [be], dtypes, f"HOT_KERNELS_CUDA_GRAM={gram}")
+            save(*eng)
+            distances.update(dist)
+            if not a.engine_only and gram == "default" and be in ("cuda", "cpu"):  # the variable is the cuda backend's
+                save(*fma_engine(dev, a, be, dist))
     if a.device == "cuda":
         torch.cuda.synchronize()
-    failed = sum(c["status"] == "failed" for c in checks)
-    report = dict(status="failed" if failed else "passed", device=device_name(dev), gram_engine=gram,
-                  passed=sum(c["status"] == "passed" for c in checks), failed=failed,
-                  skipped=sum(c["status"] == "skipped" for c in checks), wall_s=round(time.time() - t0, 1),
-                  checks=checks)
+    report["status"] = "failed" if report.get("failed") else "passed"
     if a.engine_only and a.json:  # the child of fma_engine: hand the distances back too
-        torch.save(engines[gram], a.json + ".pt")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(report, f, indent=1)
-    print(f"smoke: {report['passed']} passed, {failed} failed, {report['skipped']} skipped in {report['wall_s']} s")
-    return 1 if failed else 0
+        torch.save(distances, a.json + ".pt")
+    save()
+    print(f"smoke: {report['passed']} passed, {report['failed']} failed, {report['skipped']} skipped "
+          f"in {report['wall_s']} s")
+    return 1 if report["failed"] else 0
 
 
-def fma_engine(dev, a, default_distances):
-    """The engine checks again in a child process with HOT_KERNELS_CUDA_GRAM=fma, and the largest
-    difference between the two engines' distances (the same inputs)."""
+def fma_engine(dev, a, backend, default_distances):
+    """The engine checks of `backend` again in a child process with HOT_KERNELS_CUDA_GRAM=fma, and
+    the largest difference between the two engines' distances (the same inputs)."""
     out = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"gpu_smoke_fma_{os.getpid()}.json")
     env = dict(os.environ, HOT_KERNELS_CUDA_GRAM="fma")
-    cmd = [sys.executable, os.path.abspath(__file__), "--device", a.device, "--engine-only", "--json", out]
+    cmd = [sys.executable, os.path.abspath(__file__), "--device", a.device, "--backends", backend, "--engine-only",
+           "--json", out]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    sys.stdout.write(proc.stdout)
+    sys.stdout.write("".join(f"  (fma child) {ln}\n" for ln in proc.stdout.splitlines()))
     try:
         child = json.load(open(out))["checks"]
         fma = torch.load(out + ".pt")
