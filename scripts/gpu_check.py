@@ -304,7 +304,8 @@ class Check:
         cmd = [PY, "scripts/gpu_smoke.py", "--json", out]
         if self.dry:
             cmd += ["--device", "cpu"]
-        rc, dt = run(cmd, self.log(stage), limit, self.env, header="smoke" + (" (dry run: cpu backend)" if self.dry else ""))
+        rc, dt = run(cmd, self.log(stage), limit, self.env,
+                     header="smoke" + (" (dry run: cpu backend)" if self.dry else ""))
         try:
             rep = json.load(open(out))
         except (OSError, ValueError):
@@ -369,6 +370,9 @@ class Check:
                                             detail=f"printed the {len(tools.split())} sanitizer commands "
                                                    f"(exit {rc}); compute-sanitizer: "
                                                    f"{self.summary['versions'].get('compute_sanitizer')}"))
+        if "Device not supported" in open(self.log(stage), errors="replace").read():  # seen on gVisor machines
+            return self.record(stage, "skipped", "compute-sanitizer refuses this device ('Device not supported'; "
+                                                 f"a gVisor runtime?): {detail}", dt, limit)
         if rc == "timeout":
             return self.record(stage, "failed", f"timed out after {limit:.0f} s; {detail}", dt, limit)
         return self.record(stage, "passed" if rc == 0 else "failed", detail or f"exit {rc}", dt, limit)
@@ -384,7 +388,8 @@ class Check:
         else:
             rc0 = 0
             cmd = [PY, "-m", "hot_kernels", "bench", "--quick", "--targets", "--out", bench_dir]
-        rc, dt = run(cmd, log, limit - 5, self.env, header="bench" + (" (dry run: one-repeat CPU bench)" if self.dry else ""))
+        rc, dt = run(cmd, log, limit - 5, self.env,
+                     header="bench" + (" (dry run: one-repeat CPU bench)" if self.dry else ""))
         copied = []
         for name in ("bench.json", "bench.png"):
             src = os.path.join(bench_dir, name)
@@ -448,7 +453,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description="The first GPU run, prepared: build, smoke, "
                                 "GPU tests, compute-sanitizer, bench, in one time budget (see scripts/gpu_check.py).")
     p.add_argument("--dry-run", action="store_true", help="exercise the plumbing on any machine; no GPU stage runs")
-    default_out = os.path.join(os.environ["OUT"], "gpu-check") if os.environ.get("OUT") else os.path.join(ROOT, "gpu-check-out")
+    default_out = (os.path.join(os.environ["OUT"], "gpu-check") if os.environ.get("OUT")
+                   else os.path.join(ROOT, "gpu-check-out"))
     p.add_argument("--out", default=default_out, help=f"results folder (default: $OUT/gpu-check if OUT is set, else "
                                                       f"./gpu-check-out; now {default_out})")
     p.add_argument("--budget", type=float, default=float(os.environ.get("GPU_CHECK_BUDGET", 470)),

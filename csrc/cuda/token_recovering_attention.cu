@@ -130,7 +130,8 @@ void allow_smem(int device) {
   if constexpr (kSmem > 48 * 1024) {
     static std::once_flag once[kMaxDevices];
     std::call_once(once[device], [] {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
     });
   }
 }
