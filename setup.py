@@ -10,6 +10,8 @@ Environment:
   HOT_KERNELS_NO_EXT=1       build no extension (reference and triton backends only)
   HOT_KERNELS_NO_CUDA=1      build the CPU half only, even where CUDA is available
   HOT_KERNELS_REQUIRE_EXT=1  fail the install if the extension does not build (default: warn and go on)
+  HOT_KERNELS_REQUIRE_CUDA=1 fail at once unless the CUDA kernels will be compiled in (nvcc found, a CUDA
+                             torch, the same CUDA major version); implies HOT_KERNELS_REQUIRE_EXT=1
   HOT_KERNELS_NATIVE=1       add -march=native (faster CPU kernels; the build then runs on this CPU only)
   HOT_KERNELS_DEBUG_BUILD=1  -O0 -g, with -fsanitize=address,undefined (scripts/sanitize_cpu.sh builds this way, in its own build dir)
   TORCH_CUDA_ARCH_LIST       CUDA archs (default here: 8.0;9.0)
@@ -17,6 +19,8 @@ Environment:
 """
 import glob
 import os
+import re
+import subprocess
 import sys
 import warnings
 
@@ -41,6 +45,30 @@ def _write_build_info(cxx_flags, nvcc_flags, archs):
         f.write(f"#define HOT_KERNELS_CUDA_ARCHS {c_str(archs)}\n")
 
 
+def _require_cuda(ce, torch):
+    """HOT_KERNELS_REQUIRE_CUDA=1: raise, saying why, unless this build will compile the CUDA kernels."""
+    why = None
+    if _flag("HOT_KERNELS_NO_CUDA"):
+        why = "HOT_KERNELS_NO_CUDA is set too"
+    elif torch.version.cuda is None:
+        why = f"this torch ({torch.__version__}) is a CPU build (torch.version.cuda is None)"
+    elif ce.CUDA_HOME is None:
+        why = "nvcc was not found (set CUDA_HOME, or put nvcc on PATH)"
+    else:
+        nvcc = os.path.join(ce.CUDA_HOME, "bin", "nvcc")
+        try:
+            out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+            nvcc_version = re.search(r"release (\d+)\.(\d+)", out).group(0).split()[1]
+        except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+            why = f"{nvcc} --version failed ({e})"
+        else:
+            if nvcc_version.split(".")[0] != torch.version.cuda.split(".")[0]:
+                why = (f"nvcc ({nvcc}) is CUDA {nvcc_version} but torch {torch.__version__} was built with CUDA "
+                       f"{torch.version.cuda}: the CUDA major versions must match")
+    if why is not None:
+        raise RuntimeError(f"hot_kernels: HOT_KERNELS_REQUIRE_CUDA=1 but the CUDA kernels would not be built: {why}")
+
+
 def _extensions():
     if _flag("HOT_KERNELS_NO_EXT"):
         return [], {}
@@ -63,6 +91,8 @@ def _extensions():
     link = ["-fopenmp"] + (["-fsanitize=address,undefined"] if debug else [])
 
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
+    if _flag("HOT_KERNELS_REQUIRE_CUDA"):
+        _require_cuda(ce, torch)
     with_cuda = (ce.CUDA_HOME is not None and torch.version.cuda is not None
                  and not _flag("HOT_KERNELS_NO_CUDA"))
     nvcc, archs = [], ""
@@ -107,7 +137,7 @@ def _optional_build_ext(base):
                 self._give_up(e)
 
         def _give_up(self, e):
-            if _flag("HOT_KERNELS_REQUIRE_EXT"):
+            if _flag("HOT_KERNELS_REQUIRE_EXT") or _flag("HOT_KERNELS_REQUIRE_CUDA"):
                 raise
             msg = (f"hot_kernels: the compiled extension hot_kernels._C did not build ({type(e).__name__}: {e}). "
                    "Installing without it: only the 'reference' and 'triton' backends will be available. "

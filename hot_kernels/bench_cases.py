@@ -41,7 +41,7 @@ from . import reference as R
 
 __all__ = [
     "OPS", "OP_ALIASES", "BASELINES", "HOT_BACKENDS", "PUBLISHED", "Case", "CaseInputs", "Candidate",
-    "CheckFailed", "default_cases", "sweep_cases", "candidates", "make_inputs", "check_output",
+    "CheckFailed", "default_cases", "target_cases", "sweep_cases", "candidates", "make_inputs", "check_output",
     "selection_violations", "flop_model", "byte_model", "TARGETS",
 ]
 
@@ -184,6 +184,12 @@ def default_cases(device_type: str, ops=OPS, dtypes=None, quick: bool = False) -
                 mix = _BY_NAME["HoT-MixSTE"]
                 cases += [_dpc(mix, 4, dtype, N=16384, f=4096), _dpc(mix, 1, dtype, N=65536, f=16384)]
     return cases
+
+
+def target_cases(device_type: str, ops=OPS, dtypes=None) -> list[Case]:
+    """The default cases that DESIGN.md's targets for this device type measure (TARGETS)."""
+    return [c for c in default_cases(device_type, ops, dtypes)
+            if any(target_matches(t, c, device_type) for t in TARGETS)]
 
 
 def sweep_cases(device_type: str, sweeps: dict[str, list[int]], ops=OPS, dtypes=None,

@@ -162,6 +162,9 @@ def _add_bench_parser(sub) -> argparse.ArgumentParser:
                         "(compile), sdpa, cpu, cuda, triton; reference always runs (ratios and checks need it)")
     p.add_argument("--quick", action="store_true",
                    help="HoT-MixSTE shapes only and a shorter time budget (under a minute on a 2-core CPU)")
+    p.add_argument("--targets", action="store_true",
+                   help="also the cases that DESIGN.md's targets for the device measure (with --quick: the long "
+                        "clips N = 16384 on a GPU)")
     p.add_argument("--sweep", type=_sweep_arg, action="append", metavar="NAME=V1,V2,...",
                    help="scaling curve over N (frames; f and TRA's M scale with it), B or C, at --model's "
                         "other shapes (B = 1 unless swept); repeat to sweep several (their product)")
@@ -208,7 +211,7 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.list:
         parser.error("--device cuda: this torch sees no CUDA device "
                      f"(torch {torch.__version__}, CUDA {torch.version.cuda or 'none: a CPU build'})")
     if args.repeat is not None and args.repeat < 1:
@@ -225,6 +228,8 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
         cases = BC.sweep_cases(device.type, sweeps, ops, args.dtype, args.model)
     else:
         cases = BC.default_cases(device.type, ops, args.dtype, args.quick)
+    if args.targets:
+        cases += [c for c in BC.target_cases(device.type, ops, args.dtype) if c not in cases]
     if args.list:
         for c in cases:
             print(c.title())
@@ -243,9 +248,22 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
     progress = H.Progress(len(cases), enabled=True if sys.stderr.isatty() else (bool(sweeps) and len(cases) > 8))
     t0 = time.perf_counter()
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
-    records = H.run_cases(cases, device, backends=args.backends, policy=policy, seed=args.seed,
-                          triton_knobs=args.triton_knobs, progress=progress,
-                          on_case=lambda recs: print(H.format_case(recs) + "\n", flush=True))
+    records = []
+
+    def on_case(recs):
+        records.extend(recs)
+        print(H.format_case(recs) + "\n", flush=True)
+
+    notes, interrupted = [], False
+    try:
+        H.run_cases(cases, device, backends=args.backends, policy=policy, seed=args.seed,
+                    triton_knobs=args.triton_knobs, progress=progress, on_case=on_case)
+    except KeyboardInterrupt:  # Ctrl-C, or a time limit's SIGINT: keep and write the cases done so far
+        interrupted, done = True, len(H._by_case(records))
+        notes.append(f"interrupted after {done} of {len(cases)} cases: the rest were not run")
+        print(f"\ninterrupted after {done} of {len(cases)} cases", file=sys.stderr)
+        if not records:
+            return 130
     wall = time.perf_counter() - t0
     print("Summary (fastest hot_kernels backend per case):")
     print(H.format_summary(records))
@@ -256,7 +274,6 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
             state = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
             ratio = "-" if t["ratio"] is None else f"{t['ratio']:.2f}x ({t['backend']})"
             print(f"  {t['target']:<70} {ratio:<22} {state}")
-    notes = []
     if device.type == "cpu" and not sweeps and "token_recovering_attention" in ops:
         notes.append("CPU: TRA runs at B = 1 and 4 (S = 17, 68), not the published B = 64 (S = 1088): "
                      "seconds per call on a CPU.")
@@ -281,8 +298,10 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
     for r in failed:
         print(f"FAILED {r.backend} on {r.op} {r.params}: {r.reason}", file=sys.stderr)
     # A baseline that fails (torch.compile without a compiler, say) is reported, not fatal; a
-    # hot_kernels backend that fails its check or raises is.
-    return 1 if any(r.kind != "baseline" for r in failed) else 0
+    # hot_kernels backend that fails its check or raises is. An interrupted run exits 130.
+    if any(r.kind != "baseline" for r in failed):
+        return 1
+    return 130 if interrupted else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -140,6 +140,34 @@ def test_list_shows_the_published_default(capsys):
     assert "TRA forward+backward HoT-MotionAGFormer" in text
 
 
+def test_targets_adds_the_design_targets_cases_and_list_needs_no_gpu(capsys):
+    # The GPU case list is shown on any machine (what scripts/gpu_check.sh will time there).
+    assert cli.main(["bench", "--device", "cuda", "--quick", "--targets", "--list"]) == 0
+    text = capsys.readouterr().out
+    assert "dpc_knn HoT-MixSTE B=4 N=16384 C=512 f=4096 k=2 float32" in text  # a target, not in --quick
+    assert "TRA forward+backward HoT-MixSTE B=64 S=1088" in text and "10 cases" in text
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--list"]) == 0
+    quick = capsys.readouterr().out
+    assert cli.main(["bench", "--device", "cpu", "--quick", "--targets", "--list"]) == 0
+    assert capsys.readouterr().out == quick  # the CPU target (dpc_knn B=64) is already a quick case
+
+
+def test_an_interrupted_run_writes_the_cases_done(tmp_path, monkeypatch, capsys):
+    real = H.run_cases
+
+    def one_case_then_interrupt(cases, *args, on_case=None, **kw):
+        real(cases[:1], *args, on_case=on_case, **kw)
+        raise KeyboardInterrupt  # as a time limit's SIGINT would
+
+    monkeypatch.setattr(H, "run_cases", one_case_then_interrupt)
+    rc = cli.main(["bench", "--ops", "dpc", "--sweep", "N=12,16", "--sweep", "C=8", "--device", "cpu",
+                   "--backends", "reference", "--repeat", "1", "--out", str(tmp_path)])
+    assert rc == 130
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert {r["params"]["N"] for r in doc["records"]} == {12}
+    assert any("interrupted after 1 of 2 cases" in n for n in doc["notes"])
+
+
 def test_console_script_and_module_entry_points():
     out = subprocess.run([sys.executable, "-m", "hot_kernels", "bench", "--help"], capture_output=True, text=True,
                          timeout=120)

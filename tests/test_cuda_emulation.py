@@ -11,7 +11,10 @@ Checked here, per dtype (float32: CUDA-core FMA tiles; float16/bfloat16: tensor-
   * every value is written: uninitialised ATen allocations are NaN-filled (deterministic mode) and
     shared memory is NaN-poisoned by the emulator;
   * outputs bitwise equal under two schedules (lowest thread/block first vs highest first, plus a
-    random one): a missing barrier or a race between threads changes the result.
+    random one): a missing barrier or a race between threads changes the result;
+  * the tile choice by the device's shared-memory limit: float32 at head dims 96 and 128 on a
+    device allowing 99 KB per block (sm_86/89/120) takes the compact tiles, and below what any
+    kernel tiling needs, the ATen attention; both against the float64 reference.
 Skips, saying why, only when the host toolchain cannot build a torch C++ extension at all.
 """
 import ast
@@ -162,18 +165,31 @@ def tra_args(case, dtype, seed=0):
 _RUNS = {}
 
 
-def emulated(emu, case, dtype, policy=0, seed=1):
-    """(out, lse, grads) of the emulated CUDA op; memoised per (case, dtype, policy, seed)."""
-    key = (case, dtype, policy, seed)
+def emulated(emu, case, dtype, policy=0, seed=1, smem_optin=None):
+    """(out, lse, grads) of the emulated CUDA op; memoised per (case, dtype, policy, seed, smem_optin).
+    smem_optin: the emulated device's opt-in shared memory per block in bytes (None: 227 KB, an
+    H100/H200's). The emulator's stats (launches, blocks, switches, largest shared memory of a
+    launch) of the run go with it into _STATS."""
+    key = (case, dtype, policy, seed, smem_optin)
     if key not in _RUNS:
         _, _, _, C, H, _, _, residual = case
         args, grad_out = tra_args(case, dtype)
         scale = (C // H) ** -0.5
         emu.set_policy(policy, seed)
-        out, lse = emu.forward(*args, H, scale, residual)
-        grads = emu.backward(grad_out, *args, lse, H, scale, residual)
+        emu.reset_stats()
+        old = emu.set_smem_optin(smem_optin) if smem_optin is not None else None
+        try:
+            out, lse = emu.forward(*args, H, scale, residual)
+            grads = emu.backward(grad_out, *args, lse, H, scale, residual)
+        finally:
+            if old is not None:
+                emu.set_smem_optin(old)
         _RUNS[key] = (out, lse, list(grads))
+        _STATS[key] = dict(zip(("launches", "blocks", "switches", "max_smem"), emu.stats()))
     return _RUNS[key]
+
+
+_STATS = {}
 
 
 def reference(case, dtype, compute_dtype):
@@ -222,9 +238,13 @@ def test_tolerances_are_those_of_test_backends():
 
 @pytest.mark.parametrize("case,dtype", ACCURACY)
 def test_emulated_cuda_matches_the_reference(emu, poison_empty, case, dtype):
+    assert_matches_reference(case, dtype, *emulated(emu, case, dtype))
+
+
+def assert_matches_reference(case, dtype, out, lse, grads):
+    """out, lse and the ten gradients of a run against the float64 reference, within TOL."""
     S, L, _, C, H = case[:5]
     args, _ = tra_args(case, dtype)
-    out, lse, grads = emulated(emu, case, dtype)
     want_out, want_lse, want_grads = reference(case, dtype, torch.float64)
 
     # Shapes, dtypes, and the empty tensors standing for the gradients of absent biases.
@@ -272,6 +292,43 @@ def test_emulated_cuda_is_schedule_independent(emu, poison_empty, case, dtype, p
     differ = [n for n, a, b in zip(names, [base[0], base[1], *base[2]], [other[0], other[1], *other[2]])
               if not same_bits(a, b)]
     assert not differ, f"schedule-dependent results (policy 0 vs {policy}): {differ}"
+
+
+# ---- the tile choice by the device's shared memory per block -------------------------------------
+
+SMEM_99KB = 99 * 1024  # opt-in limit of sm_86 / sm_89 / sm_120 GPUs (RTX 30xx/40xx, L4, L40S)
+COMPACT_CASES = [  # float32 at padded head dim 128: the default tiles need 108-116 KB per block
+    (2, 33, 40, 96, 1, True, "qkvo", False),   # head dim 96, shared query
+    (2, 70, 81, 128, 1, False, "ko", True),    # head dim 128, per-sequence query, 2 query x 3-6 key tiles
+]
+
+
+@pytest.mark.parametrize("case", COMPACT_CASES, ids=str)
+def test_emulated_cuda_float32_head_dim_over_64_fits_99_kb_of_shared_memory(emu, poison_empty, case):
+    """On a device allowing 99 KB per block, float32 TRA at head dims 96 and 128 takes the compact
+    tiles (every launch <= 99 KB; the launch itself refuses more), matches the float64 reference,
+    and is schedule-independent; with the default limit the same call needs more than 99 KB."""
+    dtype = torch.float32
+    emulated(emu, case, dtype)
+    default = _STATS[(case, dtype, 0, 1, None)]
+    assert default["max_smem"] > SMEM_99KB, f"the default tiles fit 99 KB here: the test proves nothing ({default})"
+    run = emulated(emu, case, dtype, smem_optin=SMEM_99KB)
+    small = _STATS[(case, dtype, 0, 1, SMEM_99KB)]
+    assert small["launches"] >= 4 and 48 * 1024 < small["max_smem"] <= SMEM_99KB, small  # the kernels ran
+    assert_matches_reference(case, dtype, *run)
+    other = emulated(emu, case, dtype, policy=1, seed=7, smem_optin=SMEM_99KB)
+    flat = lambda r: [r[0], r[1], *r[2]]  # noqa: E731
+    assert all(same_bits(a, b) for a, b in zip(flat(run), flat(other))), "schedule-dependent compact tiles"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_emulated_cuda_takes_the_aten_attention_when_no_tiles_fit(emu, poison_empty, dtype):
+    """A device limit below every kernel tiling of the head dim (48 KB at head dim 128): no attention
+    kernel is launched, the ATen attention of the same glue runs, and the results still match."""
+    case = COMPACT_CASES[0]
+    run = emulated(emu, case, dtype, smem_optin=48 * 1024)
+    assert _STATS[(case, dtype, 0, 1, 48 * 1024)]["launches"] == 0
+    assert_matches_reference(case, dtype, *run)
 
 
 # ---- the emulator's own detectors, on small kernels with planted bugs (tests/cuda_emulation/tra_ext.cpp)

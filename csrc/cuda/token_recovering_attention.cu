@@ -37,6 +37,11 @@
 //    128); d > 128 falls back to chunked ATen attention (same GEMMs around it).
 //  * Every launch is on the current stream of the inputs' device (CUDAGuard), with no host sync
 //    (CUDA-graph safe); element offsets are int64 (S*L*C passes 2^31 at S = 17408).
+//  * Shared memory: each kernel takes its default tiles where they fit the device's opt-in limit
+//    of dynamic shared memory per block, else its compact tiles (float32 at head dims 65-128: the
+//    defaults need 108-116 KB, over the 99 KB of sm_86/89/120 GPUs; the compact ones 75-88 KB),
+//    else (no GPU of sm_80+ has so little) the ATen attention below. The limit, the compute
+//    capability and each kernel's cudaFuncSetAttribute are read/done once per device, not per call.
 //
 // TRA_EMULATE (never defined in the build): the file compiles as plain C++ against a CPU
 // emulation of the device primitives and of the launch, to test kernels and glue without a GPU.
@@ -62,6 +67,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -87,33 +93,65 @@ bool on_device(const at::Tensor& t) {
 
 // ---- launches ----------------------------------------------------------------------------------
 
-#ifndef TRA_EMULATE
+// What the launches need to know of a device, read once per device (thread-safe) rather than
+// before every launch. The emulation takes the limit from the test (tra_emu::g_smem_optin).
+struct DeviceInfo {
+  size_t smem_optin = 0;  // opt-in limit of dynamic shared memory per block, bytes
+  int major = 0;          // compute capability
+};
+
+constexpr int kMaxDevices = 128;  // c10::DeviceIndex is an int8_t
+
+#ifdef TRA_EMULATE
+DeviceInfo device_info(int /*device*/) { return DeviceInfo{tra_emu::g_smem_optin, 9}; }
+#else
 int device_attribute(cudaDeviceAttr attr, int device) {
   int v = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&v, attr, device));
   return v;
 }
+
+const DeviceInfo& device_info(int device) {
+  TORCH_CHECK(device >= 0 && device < kMaxDevices, "token_recovering_attention: CUDA device index ", device,
+              " out of range");
+  static std::once_flag once[kMaxDevices];
+  static DeviceInfo info[kMaxDevices];
+  std::call_once(once[device], [device] {  // a throw leaves the flag unset: the next call retries
+    info[device].smem_optin = static_cast<size_t>(device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    info[device].major = device_attribute(cudaDevAttrComputeCapabilityMajor, device);
+  });
+  return info[device];
+}
+
+// Raises Kernel's dynamic shared memory limit to kSmem bytes on `device`, once per (kernel, device):
+// the attribute belongs to the kernel in that device's context and stays set.
+template <auto Kernel, size_t kSmem>
+void allow_smem(int device) {
+  if constexpr (kSmem > 48 * 1024) {
+    static std::once_flag once[kMaxDevices];
+    std::call_once(once[device], [] {
+      C10_CUDA_CHECK(
+          cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kSmem)));
+    });
+  }
+}
 #endif
 
-// One launch of kThreads-thread blocks on the current stream: opts in to more than 48 KB of
-// dynamic shared memory where needed (checked against the device's limit).
-template <typename P>
-void launch(void (*kernel)(P), int64_t blocks, size_t smem, const P& params, const char* name) {
+// One launch of Kernel in kThreads-thread blocks with kSmem bytes of dynamic shared memory on the
+// current stream of `device` (the inputs' device, current under the entry points' CUDAGuard).
+template <auto Kernel, size_t kSmem, typename P>
+void launch(int64_t blocks, const P& params, int device, const char* name) {
   if (blocks <= 0) return;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(), name, ": ", blocks,
               " blocks do not fit one launch (gridDim.x < 2^31)");
+  const size_t limit = device_info(device).smem_optin;  // the tile choice makes this hold
+  TORCH_CHECK(kSmem <= limit, name, ": needs ", kSmem, " bytes of shared memory per block, the device allows ",
+              limit);
 #ifdef TRA_EMULATE
-  tra_emu::launch(blocks, kThreads, smem, [&] { kernel(params); });
+  tra_emu::launch(blocks, kThreads, kSmem, [&] { Kernel(params); });
 #else
-  int device = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (smem > 48 * 1024) {
-    const int limit = device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-    TORCH_CHECK(smem <= static_cast<size_t>(limit), name, ": needs ", smem, " bytes of shared memory per block, the ",
-                "device allows ", limit);
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), smem, c10::cuda::getCurrentCUDAStream()>>>(params);
+  allow_smem<Kernel, kSmem>(device);
+  Kernel<<<dim3(static_cast<unsigned>(blocks)), dim3(kThreads), kSmem, c10::cuda::getCurrentCUDAStream()>>>(params);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
 }
@@ -129,6 +167,31 @@ void launch_sum_groups(const float* part, int64_t groups, int64_t n, float* out)
                           c10::cuda::getCurrentCUDAStream()>>>(part, groups, n, out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 #endif
+}
+
+// ---- tile choice -------------------------------------------------------------------------------
+
+enum Tiles : int { kNoFit = -1, kDefaultTiles = 0, kCompactTiles = 1 };
+
+// The tiles of a kernel (shared-memory layout Smem) that fit `limit` bytes per block: the default,
+// else the compact ones where they exist (only where the default needs more than kMinOptinSmem).
+template <template <typename, int, bool> class Smem, typename T, int DP>
+Tiles fitting_tiles(size_t limit) {
+  if (Smem<T, DP, false>::bytes <= limit) return kDefaultTiles;
+  if constexpr (Smem<T, DP, false>::bytes > kMinOptinSmem) {
+    if (Smem<T, DP, true>::bytes <= limit) return kCompactTiles;
+  }
+  return kNoFit;
+}
+
+// f.template operator()<kCompact>() for the chosen tiles (compact ones instantiated only where they exist).
+template <template <typename, int, bool> class Smem, typename T, int DP, typename F>
+void with_tiles(Tiles tiles, F&& f) {
+  if constexpr (Smem<T, DP, false>::bytes > kMinOptinSmem) {
+    if (tiles == kCompactTiles) return f.template operator()<true>();
+  }
+  TORCH_CHECK(tiles == kDefaultTiles, "token_recovering_attention: no kernel tiles fit (internal error)");
+  f.template operator()<false>();
 }
 
 // f.template operator()<T, DP>() for the input dtype and the padded head dim.
@@ -159,6 +222,7 @@ struct Dims {
   int64_t S, Sq, L, M, C, H, d;
   bool shared;
   at::ScalarType dtype;
+  int device;  // the inputs' CUDA device index
 };
 
 constexpr int64_t kMaxHeadDim = 128;  // kernels up to here; ATen attention above
@@ -219,13 +283,12 @@ Dims check_inputs(const char* fn, const at::Tensor& query, const at::Tensor& x, 
   bias("bv", bv);
   bias("bo", bo);
   D.dtype = dtype;
-#ifndef TRA_EMULATE
+  D.device = x.device().index();
   if (dtype != at::kFloat && D.d <= kMaxHeadDim) {
-    const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, x.device().index());
+    const int major = device_info(D.device).major;
     TORCH_CHECK(major >= 8, fn, ": float16/bfloat16 tensor-core kernels need compute capability 8.0 or newer, ",
                 "this device has ", major, ".x");
   }
-#endif
   return D;
 }
 
@@ -272,11 +335,31 @@ bool vector_ok(const Dims& D, std::initializer_list<const at::Tensor*> ts) {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// The tiles each attention kernel takes on this call's device (kNoFit everywhere above head dim 128).
+struct Plan {
+  Tiles fwd = kNoFit, dq = kNoFit, dkv = kNoFit;
+  bool forward_kernels() const { return fwd != kNoFit; }
+  bool backward_kernels() const { return fwd != kNoFit && dq != kNoFit && dkv != kNoFit; }
+};
+
+Plan plan(const Dims& D) {
+  Plan pl;
+  if (D.d > kMaxHeadDim) return pl;
+  const size_t limit = device_info(D.device).smem_optin;
+  dispatch(D.dtype, padded_head_dim(D.d), [&]<typename T, int DP>() {
+    pl.fwd = fitting_tiles<FwdSmem, T, DP>(limit);
+    pl.dq = fitting_tiles<DqSmem, T, DP>(limit);
+    pl.dkv = fitting_tiles<DkvSmem, T, DP>(limit);
+  });
+  return pl;
+}
+
 // ---- attention core: kernels -------------------------------------------------------------------
 
 // o (S*L, C) and lse (S, H, L); with dout, instead of lse: dsum (S, H, L) = rowsum(dout_h o_h).
-void attention_forward_kernels(const Dims& D, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& o,
-                               const at::Tensor& lse, const at::Tensor& dout, const at::Tensor& dsum, double scale) {
+void attention_forward_kernels(const Dims& D, const Plan& pl, const at::Tensor& q, const at::Tensor& kv,
+                               const at::Tensor& o, const at::Tensor& lse, const at::Tensor& dout,
+                               const at::Tensor& dsum, double scale) {
   const bool vec = vector_ok(D, {&q, &kv, &o, &dout});
   const int64_t nlb = ceil_div(D.L, kRows);
   dispatch(D.dtype, padded_head_dim(D.d), [&]<typename T, int DP>() {
@@ -297,7 +380,9 @@ void attention_forward_kernels(const Dims& D, const at::Tensor& q, const at::Ten
     p.nlb = static_cast<int>(nlb);
     p.scale_log2 = static_cast<float>(scale * static_cast<double>(kLog2e));
     p.vec = vec;
-    launch(tra_fwd_kernel<T, DP>, D.S * D.H * nlb, FwdSmem<T, DP>::bytes, p, kFwd);
+    with_tiles<FwdSmem, T, DP>(pl.fwd, [&]<bool kC>() {
+      launch<tra_fwd_kernel<T, DP, kC>, FwdSmem<T, DP, kC>::bytes>(D.S * D.H * nlb, p, D.device, kFwd);
+    });
   });
 }
 
@@ -313,11 +398,11 @@ int64_t dq_groups(const Dims& D) {
 }
 
 // o, dsum via the recompute; dkv (S*M, 2C); dq: per-sequence (S*L, C) input dtype, shared (L, C) fp32.
-void attention_backward_kernels(const Dims& D, const at::Tensor& q, const at::Tensor& kv, const at::Tensor& dout,
-                                const at::Tensor& lse, const at::Tensor& o, const at::Tensor& dkv, const at::Tensor& dq,
-                                double scale) {
+void attention_backward_kernels(const Dims& D, const Plan& pl, const at::Tensor& q, const at::Tensor& kv,
+                                const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& o,
+                                const at::Tensor& dkv, const at::Tensor& dq, double scale) {
   auto dsum = at::empty({D.S, D.H, D.L}, o.options().dtype(at::kFloat));
-  attention_forward_kernels(D, q, kv, o, at::Tensor(), dout, dsum, scale);
+  attention_forward_kernels(D, pl, q, kv, o, at::Tensor(), dout, dsum, scale);
 
   const bool vec = vector_ok(D, {&q, &kv, &dout, &dkv, &dq});
   const int64_t nlb = ceil_div(D.L, kRows), nmb = ceil_div(D.M, kRows);
@@ -346,7 +431,9 @@ void attention_backward_kernels(const Dims& D, const at::Tensor& q, const at::Te
     pk.scale_log2 = scale_log2;
     pk.scale = static_cast<float>(scale);
     pk.vec = vec;
-    launch(tra_dkdv_kernel<T, DP>, D.S * D.H * nmb, DkvSmem<T, DP>::bytes, pk, kBwd);
+    with_tiles<DkvSmem, T, DP>(pl.dkv, [&]<bool kC>() {
+      launch<tra_dkdv_kernel<T, DP, kC>, DkvSmem<T, DP, kC>::bytes>(D.S * D.H * nmb, pk, D.device, kBwd);
+    });
 
     DqParams<T> pq{};
     pq.q = pk.q;
@@ -368,12 +455,14 @@ void attention_backward_kernels(const Dims& D, const at::Tensor& q, const at::Te
     pq.scale_log2 = scale_log2;
     pq.scale = pk.scale;
     pq.vec = vec;
-    launch(tra_dq_kernel<T, DP>, groups * D.H * nlb, DqSmem<T, DP>::bytes, pq, kBwd);
+    with_tiles<DqSmem, T, DP>(pl.dq, [&]<bool kC>() {
+      launch<tra_dq_kernel<T, DP, kC>, DqSmem<T, DP, kC>::bytes>(groups * D.H * nlb, pq, D.device, kBwd);
+    });
   });
   if (D.shared) launch_sum_groups(part.data_ptr<float>(), groups, D.L * D.C, dq.data_ptr<float>());
 }
 
-// ---- attention core: ATen (head dim > 128) -----------------------------------------------------
+// ---- attention core: ATen (head dim > 128, or no kernel tiles fit the device) ----------------
 
 // Sequences per chunk: the chunk's (n, H, L, M) fp32 logits stay under 256 MB.
 int64_t aten_chunk(const Dims& D) {
@@ -469,8 +558,8 @@ std::vector<at::Tensor> token_recovering_attention_cuda(
   if (D.M == 0) {  // softmax over no keys: o = 0 (the validated API never gets here)
     o.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
-  } else if (D.d <= kMaxHeadDim) {
-    attention_forward_kernels(D, pr.q, pr.kv, o, lse, at::Tensor(), at::Tensor(), scale);
+  } else if (const Plan pl = plan(D); pl.forward_kernels()) {
+    attention_forward_kernels(D, pl, pr.q, pr.kv, o, lse, at::Tensor(), at::Tensor(), scale);
   } else {
     attention_forward_aten(D, pr.q, pr.kv, o, lse, scale);
   }
@@ -514,8 +603,8 @@ std::vector<at::Tensor> token_recovering_attention_backward_cuda(
   if (M == 0) {
     o.zero_();
     dq.zero_();
-  } else if (D.d <= kMaxHeadDim) {
-    attention_backward_kernels(D, pr.q, pr.kv, dout, lse_c, o, dkv, dq, scale);
+  } else if (const Plan pl = plan(D); pl.backward_kernels()) {
+    attention_backward_kernels(D, pl, pr.q, pr.kv, dout, lse_c, o, dkv, dq, scale);
   } else {
     attention_backward_aten(D, pr.q, pr.kv, dout, lse_c, o, dkv, dq, scale);
   }

@@ -115,6 +115,13 @@ struct Cfg {
 
 constexpr size_t align16(size_t n) { return (n + 15) / 16 * 16; }
 
+// Shared memory: each kernel has a default tiling and, as its template flag kCompact, a compact one
+// with fewer keys (forward, dQ) or query rows (dK/dV) per inner tile. The compact tiles exist for
+// the configurations whose default needs more than kMinOptinSmem bytes per block (float32 at padded
+// head dim 128: 108-116 KB), so that they run on every GPU the build targets; the host picks the
+// default where it fits the device's opt-in limit (token_recovering_attention.cu).
+constexpr size_t kMinOptinSmem = 99 * 1024;  // the smallest opt-in limit of sm_80+ (sm_86/89/120)
+
 // ---- tiles: global <-> shared --------------------------------------------------------------
 // s[r * lds + c] = g[r * gstride + c] for r < rows, c < cols; 0 elsewhere in [0, R) x [0, CC).
 // vec: 16-byte accesses; the host sets it only when cols, gstride and g are multiples of kVec
@@ -316,10 +323,10 @@ struct FwdParams {
   bool vec;
 };
 
-template <typename T, int DP>
+template <typename T, int DP, bool kCompact = false>
 struct FwdSmem {
   using Cf = Cfg<T>;
-  static constexpr int BM = 64;                      // keys per tile
+  static constexpr int BM = kCompact ? 32 : 64;      // keys per tile
   static constexpr int LDQ = Cf::ld(DP);              // sQ [kRows][LDQ]: Q, then dO, then o staging
   static constexpr int LDK = Cf::ld(DP);              // sK [BM][LDK]
   static constexpr int LDV = Cf::kMma ? Cf::ld(BM) : Cf::ld(DP);  // sV^T [DP][LDV] | sV [BM][LDV]
@@ -333,10 +340,10 @@ struct FwdSmem {
 
 // One block per (sequence s, head h, tile of kRows query rows); blockIdx.x = (s * H + h) * nlb + lb
 // so that the blocks reading one (s, h)'s K and V run together. Online softmax over key tiles.
-template <typename T, int DP>
+template <typename T, int DP, bool kCompact>
 TRA_KERNEL(kThreads) tra_fwd_kernel(const FwdParams<T> p) {
   using Cf = Cfg<T>;
-  using SM = FwdSmem<T, DP>;
+  using SM = FwdSmem<T, DP, kCompact>;
   constexpr int BM = SM::BM, NTS = BM / 8, NTO = DP / 8, KSD = DP / 16;
   static_assert(DP % 16 == 0 && BM % 16 == 0, "tiles are whole mma steps");
   unsigned char* smem = tra_smem();
@@ -501,10 +508,10 @@ struct DqParams {
   bool vec;
 };
 
-template <typename T, int DP>
+template <typename T, int DP, bool kCompact = false>
 struct DqSmem {
   using Cf = Cfg<T>;
-  static constexpr int BM = (Cf::kMma || DP <= 64) ? 64 : 32;
+  static constexpr int BM = kCompact ? 16 : (Cf::kMma || DP <= 64) ? 64 : 32;  // keys per tile
   static constexpr int LDQ = Cf::ld(DP);   // sQ, sdO [kRows][LDQ]
   static constexpr int LDK = Cf::ld(DP);   // sK, sV [BM][LDK]
   static constexpr int LDKT = Cf::ld(BM);  // sK^T [DP][LDKT] (tensor-core path)
@@ -524,10 +531,10 @@ struct DqSmem {
 // (group * H + h) * nlb + lb. Loops over its sequences in order and over key tiles, recomputing
 // P = exp(scale Q K^T - lse), dP = dO V^T, dS = P (dP - D), and accumulates dQ += dS K in
 // registers: the sum over the sequences of a shared query is formed in a fixed order.
-template <typename T, int DP>
+template <typename T, int DP, bool kCompact>
 TRA_KERNEL(kThreads) tra_dq_kernel(const DqParams<T> p) {
   using Cf = Cfg<T>;
-  using SM = DqSmem<T, DP>;
+  using SM = DqSmem<T, DP, kCompact>;
   constexpr int BM = SM::BM, NTS = BM / 8, NTO = DP / 8, KSD = DP / 16;
   static_assert(DP % 16 == 0 && BM % 16 == 0, "tiles are whole mma steps");
   unsigned char* smem = tra_smem();
@@ -661,10 +668,10 @@ struct DkvParams {
   bool vec;
 };
 
-template <typename T, int DP>
+template <typename T, int DP, bool kCompact = false>
 struct DkvSmem {
   using Cf = Cfg<T>;
-  static constexpr int BL = DP > 64 ? 32 : 64;  // query rows per tile
+  static constexpr int BL = kCompact ? 16 : DP > 64 ? 32 : 64;  // query rows per tile
   static constexpr int LDK = Cf::ld(DP);         // sK, sV [kRows][LDK] (key rows of the block)
   static constexpr int LDQ = Cf::ld(DP);         // sQ, sdO [BL][LDQ]
   static constexpr int LDT = Cf::ld(BL);         // sQ^T, sdO^T [DP][LDT] (tensor-core path)
@@ -685,10 +692,10 @@ struct DkvSmem {
 // a warp owns 16 key rows and accumulates their dK and dV in registers over the query tiles:
 // S^T = K Q^T, P^T = exp(scale S^T - lse), dV += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - D),
 // dK += scale dS^T Q. No cross-block reduction: every dK, dV element has one writer.
-template <typename T, int DP>
+template <typename T, int DP, bool kCompact>
 TRA_KERNEL(kThreads) tra_dkdv_kernel(const DkvParams<T> p) {
   using Cf = Cfg<T>;
-  using SM = DkvSmem<T, DP>;
+  using SM = DkvSmem<T, DP, kCompact>;
   constexpr int BL = SM::BL, NTL = BL / 8, NTO = DP / 8, KSD = DP / 16;
   static_assert(DP % 16 == 0 && BL % 16 == 0, "tiles are whole mma steps");
   unsigned char* smem = tra_smem();

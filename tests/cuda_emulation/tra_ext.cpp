@@ -24,6 +24,16 @@ std::vector<int64_t> stats() {
   return {s.launches, s.blocks, s.switches, static_cast<int64_t>(s.max_smem)};
 }
 
+void reset_stats() { tra_emu::g_stats = tra_emu::Stats{}; }
+
+// The emulated device's opt-in shared memory limit per block (bytes); returns the previous one.
+int64_t set_smem_optin(int64_t bytes) {
+  TORCH_CHECK(bytes > 0, "set_smem_optin: bytes must be positive, got ", bytes);
+  const auto old = static_cast<int64_t>(tra_emu::g_smem_optin);
+  tra_emu::g_smem_optin = static_cast<size_t>(bytes);
+  return old;
+}
+
 // Kernels with known bugs (and one without), to show that the emulator catches them. One block of
 // 128 threads; out[i] = what thread i read from its neighbour's shared slot.
 //  0: correct (write, __syncthreads, read)   1: the __syncthreads is missing (a race)
@@ -59,5 +69,7 @@ TORCH_LIBRARY(hot_kernels_tra_emu, m) {
   m.def("backward", &hot_kernels::token_recovering_attention_backward_cuda);
   m.def("set_policy", &set_policy);
   m.def("stats", &stats);
+  m.def("reset_stats", &reset_stats);
+  m.def("set_smem_optin", &set_smem_optin);
   m.def("selftest", &selftest);
 }
