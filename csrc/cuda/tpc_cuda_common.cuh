@@ -18,12 +18,24 @@
 //
 // e = max(d2, 0) (NaN -> 0, as the reference's where(d2 > 0, ...)); D = finish(e) is exactly the
 // reference's formula. Every block has kThreads = 256 threads (8 warps); kernels rely on it.
+//
+// TPC_EMULATE (never defined in the build): these sources compile as plain C++ against the CPU
+// emulation of tests/cuda_emulation/tpc_emu.h (included first), which supplies the CUDA built-ins
+// they use (threadIdx, __syncthreads, shuffles, ballots, nvcuda::wmma, ...). For it, shared
+// variables are declared with TPC_SHARED (plain __shared__ there does not compile) and kernels are
+// launched with launch() below, never with <<< >>>.
 #pragma once
 
+#ifndef TPC_EMULATE
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+// `__shared__ type name dims;` (the emulation poisons each such variable when a block starts).
+#define TPC_SHARED(type, name, dims) __shared__ type name dims
+#endif
 
 #include <ATen/core/Tensor.h>
 
@@ -609,14 +621,42 @@ __device__ void block_select(const KeyFn& key, int N, int nsel, int f, int cente
 
 // ---- host helpers ----------------------------------------------------------------------------------
 
-// The Gram engine: HOT_KERNELS_CUDA_GRAM=fma forces the FMA engine (a debugging aid, read once);
-// else native half products for 3-D half input, 3xTF32 otherwise.
+// Runs kernel k on `blocks` blocks of kThreads threads on `stream` (the CPU emulation under
+// TPC_EMULATE). No-op for blocks == 0.
+template <typename... P, typename... A>
+void launch(void (*k)(P...), unsigned blocks, cudaStream_t stream, const A&... args) {
+  if (blocks == 0) return;
+#ifdef TPC_EMULATE
+  (void)stream;
+  tpc_emu::launch(blocks, kThreads, [&] { k(args...); });
+#else
+  k<<<blocks, kThreads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// The tensor is on the backend's device (a CPU tensor under the emulation).
+inline bool on_device(const at::Tensor& t) {
+#ifdef TPC_EMULATE
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
+// The Gram engine: HOT_KERNELS_CUDA_GRAM=fma forces the FMA engine (a debugging aid, read once;
+// under the emulation, set per call by the test); else native half products for 3-D half input,
+// 3xTF32 otherwise.
 inline bool force_fma() {
+#ifdef TPC_EMULATE
+  return tpc_emu::g_force_fma;
+#else
   static const bool v = [] {
     const char* e = std::getenv("HOT_KERNELS_CUDA_GRAM");
     return e != nullptr && std::strcmp(e, "fma") == 0;
   }();
   return v;
+#endif
 }
 
 inline int choose_engine(at::ScalarType st, int64_t J) {

@@ -12,9 +12,11 @@
 // and without y grad_x_i = sum_j (W_ij + W_ji) (x_i - x_j). Computed in that direct-difference
 // form (translation invariant, no cancellation), float32 accumulation in a fixed order: one block per
 // (sample, 32 rows, 64 channels), streaming the other tokens in chunks of 32.
+#ifndef TPC_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -41,9 +43,9 @@ struct PdArgs {
 template <typename T, int ENG>
 __global__ void __launch_bounds__(kThreads, 2) pd_forward_kernel(const PdArgs<T> a) {
   using G = Gram<T, ENG, kPT, kPT>;
-  __shared__ typename G::Smem sm;
-  __shared__ int s_rows[kPT];
-  __shared__ int s_cols[kPT];
+  TPC_SHARED(typename G::Smem, sm, );
+  TPC_SHARED(int, s_rows, [kPT]);
+  TPC_SHARED(int, s_cols, [kPT]);
 
   const int64_t blk = blockIdx.x;
   const int J = static_cast<int>(blk % a.tm);
@@ -134,9 +136,9 @@ __device__ __forceinline__ float w_at(const PdBwdArgs<T>& a, int b, int i, int j
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pd_backward_kernel(const PdBwdArgs<T> a) {
-  __shared__ float s_w[kBR][kBS + 1];   // w(r, s) (direct part)
-  __shared__ float s_wt[kBR][kBS + 1];  // w(r, s) transposed part (sym only)
-  __shared__ float s_q[kBS][kBC];
+  TPC_SHARED(float, s_w, [kBR][kBS + 1]);   // w(r, s) (direct part)
+  TPC_SHARED(float, s_wt, [kBR][kBS + 1]);  // w(r, s) transposed part (sym only)
+  TPC_SHARED(float, s_q, [kBS][kBC]);
 
   const int64_t blk = blockIdx.x;
   const int ct = static_cast<int>(blk % a.ch_tiles);
@@ -200,7 +202,7 @@ __global__ void __launch_bounds__(kThreads) pd_backward_kernel(const PdBwdArgs<T
 
 void check_xy(const at::Tensor& x, const std::optional<at::Tensor>& y, const char* op) {
   TORCH_CHECK(x.dim() == 3, op, ": x must be (B, N, C), got ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(on_device(x), op, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.size(2) >= 1 || x.size(0) * x.size(1) == 0, op, ": x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(x.size(1) <= std::numeric_limits<int>::max() / 2 && x.size(2) <= std::numeric_limits<int>::max() / 2,
               op, ": x too large: ", x.sizes());
@@ -246,8 +248,7 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x_in, const std::optional<at
     a.out = reinterpret_cast<T*>(out.data_ptr());
     with_engine<T>(choose_engine(x.scalar_type(), 1), [&](auto eng) {
       constexpr int E = decltype(eng)::value;
-      pd_forward_kernel<T, E><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(pd_forward_kernel<T, E>, static_cast<unsigned>(blocks), stream, a);
     });
   });
   return out;
@@ -302,8 +303,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
       a.out = reinterpret_cast<T*>(out.data_ptr());
       const int64_t blocks = B * a.row_tiles * static_cast<int64_t>(a.ch_tiles);
       TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": too large for one launch");
-      pd_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(pd_backward_kernel<T>, static_cast<unsigned>(blocks), stream, a);
     };
     if (has_y) {
       run(x, y, kWDirect, gx);
