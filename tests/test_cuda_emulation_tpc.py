@@ -11,27 +11,23 @@ Checked here against the float64 oracle / the reference (tie-aware for selection
 on small shapes (the emulator does ~10^5 thread switches per second): pairwise distance (every
 engine, self and cross, 2 x 2 tiles, duplicates, a NaN row, offset data) and its backward; k-NN
 density (masks; the 4-, 16- and 33-candidate kernels); delta (masks, ties); top-f (sorted and
-best first, ties, NaN, exclude); the fused dpc_knn (masks,
+best first, ties, NaN, exclude; the shared-memory and global-memory sorts); the fused dpc_knn (masks,
 center kept or excluded, sorted=False, assignment, pooled 4-D input, NaN rows, offset half data);
 gather_frames forward and backward. Outputs are NaN-poisoned before the call (deterministic
 fill), and a few runs are compared bitwise under other thread/block schedules.
 Skips, saying why, only when the host toolchain cannot build a torch C++ extension at all.
 """
 import os
-import re
 
 import pytest
 import torch
-import torch.utils.cpp_extension as ce
 
 from hot_kernels import reference as R
 import oracle as O
 from selection import assert_same_or_near_tie, check_assignment, check_selection
-from test_cuda_emulation import _toolchain_problem, poison_empty, same_bits  # noqa: F401 (fixture)
+from test_cuda_emulation import build_emulation, poison_empty, same_bits  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EMU_DIR = os.path.join(ROOT, "tests", "cuda_emulation")
-CSRC = os.path.join(ROOT, "csrc")
 OURS = ("tpc_cuda_common.cuh", "tpc_distance.cu", "tpc_select.cu", "gather_frames.cu", "hot_kernels.h",
         "tpc_emu.h", "tra_emu.h", "tpc_ext.cpp")
 HALF = (torch.float16, torch.bfloat16)
@@ -54,29 +50,7 @@ GRAM_RTOL = {torch.float32: 1e-5, torch.float16: 2 ** -11 * 8, torch.bfloat16: 2
 @pytest.fixture(scope="session")
 def tpc(tmp_path_factory):
     """torch.ops.hot_kernels_tpc_emu, built once per session in a scratch directory."""
-    why = _toolchain_problem()
-    if why is not None:
-        pytest.skip(f"CUDA emulation not built: {why}")
-    build = tmp_path_factory.mktemp("tpc_emu_build")
-    flags = ["-std=c++20", "-O1", "-DTPC_EMULATE", "-DHOT_KERNELS_WITH_CUDA", "-Wno-unknown-pragmas",
-             "-fvisibility=hidden"]
-    ldflags = []
-    if os.environ.get("TRA_EMU_ASAN") == "1":  # see tests/cuda_emulation/README.md
-        flags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
-        ldflags += ["-fsanitize=address"]
-    try:
-        ce.load(name="hot_kernels_tpc_emu", sources=[os.path.join(EMU_DIR, "tpc_ext.cpp")],
-                extra_cflags=flags, extra_ldflags=ldflags, extra_include_paths=[CSRC, EMU_DIR],
-                build_directory=str(build), verbose=False, is_python_module=False)
-        return torch.ops.hot_kernels_tpc_emu
-    except (RuntimeError, OSError) as e:
-        log = str(e)
-    ours = [line for line in log.splitlines()
-            if any(re.search(re.escape(n) + r":\d+:\d+: (fatal )?error", line) for n in OURS)]
-    if not ours or re.search(r"internal compiler error|Killed|No space left|out of memory", log):
-        pytest.skip(f"CUDA emulation not built (toolchain problem, not our sources): {log[-1500:]}")
-    pytest.fail("the CUDA TPC sources do not compile under TPC_EMULATE:\n" + "\n".join(ours[:30])
-                + f"\n---- end of the build log ----\n{log[-3000:]}", pytrace=False)
+    return build_emulation(tmp_path_factory, "hot_kernels_tpc_emu", "tpc_ext.cpp", "TPC_EMULATE", OURS)
 
 
 def run(tpc, op, *args, policy=0, seed=1, fma=False):
@@ -176,6 +150,10 @@ PD_CASES = [  # B, N, M (None: self), C, NaN row; engine; offset
     pytest.param(1, 70, None, 20, (0, 5), "tc", None, torch.float16, id="self-f16"),
     pytest.param(2, 9, 70, 40, None, "tc", None, torch.bfloat16, id="cross-bf16"),
     pytest.param(1, 40, None, 33, None, "fma", None, torch.bfloat16, id="self-fma-bf16"),
+    pytest.param(1, 40, None, 24, None, "tc", "plus10", torch.float16, id="self-plus10-f16"),
+    pytest.param(1, 40, None, 24, None, "tc", "channel", torch.float16, id="self-channel-f16"),
+    pytest.param(1, 40, None, 24, None, "tc", "channel", torch.bfloat16, id="self-channel-bf16"),
+    pytest.param(2, 9, 40, 24, None, "tc", "plus10", torch.bfloat16, id="cross-plus10-bf16"),
     pytest.param(1, 40, None, 24, None, "tc", "channel", torch.float32, id="self-channel-f32"),
 ]
 
@@ -205,6 +183,22 @@ def cancelling_pairs(x, y, margin):
     if y is None:
         hit = hit.triu(1)
     return int(hit.sum())
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("offset", ["plus10", "channel"])
+def test_offset_half_inputs_rarely_take_the_exact_path(tpc, poison_empty, dtype, offset):
+    """Half inputs are shifted by token 0 like float32 ones: with a common offset far above the
+    spread, only a near-duplicate pair (the planted copy; frames 0, 1, 2 equal the shift, so they
+    stage as exact zeros) falls back to the exact warp recomputation; unshifted, nearly all 780
+    pairs would (|x|^2 >> d^2)."""
+    x = clip(1, 40, 24, 3, dtype, offset=offset)
+    x[0, 20] = x[0, 30]
+    before = tpc.stats()[5]
+    D = run(tpc, "pairwise_distance", x, None)
+    recomputed = tpc.stats()[5] - before
+    assert_distance(D, x)
+    assert 1 <= recomputed <= cancelling_pairs(x, None, margin=2.0) < 20, recomputed
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -286,6 +280,15 @@ def test_topf_select(tpc, poison_empty, sorted_):
         assert torch.equal(got, R.topf_select(score, f, sorted_, exclude)), (f, exclude)
     half = run(tpc, "topf_select", score[:2].half(), 11, sorted_, None)
     assert torch.equal(half, R.topf_select(score[:2].half(), 11, sorted_))
+
+
+def test_topf_select_best_first_past_shared_memory(tpc, poison_empty):
+    """f = 2100 > the 2048 keys topf_kernel sorts in shared memory: the global-memory sort."""
+    g = torch.Generator().manual_seed(8)
+    score = torch.randn(1, 2200, generator=g)
+    score[0, 100:400] = 0.25  # a run of ties (index order)
+    got = run(tpc, "topf_select", score, 2100, False, torch.tensor([17]))
+    assert torch.equal(got, R.topf_select(score, 2100, False, torch.tensor([17])))
 
 
 # ---- dpc_knn ----------------------------------------------------------------------------------

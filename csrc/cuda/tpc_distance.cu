@@ -2,8 +2,9 @@
 //
 // Forward: D (B, N, M) = ||x_i - y_j|| / sqrt(C) in x's dtype. One block per 64 x 64 tile of D
 // (flattened grid: sample, row tile, column tile); the tile's Gram values come from the engine of
-// tpc_cuda_common.cuh (inputs shifted by x's token 0), pairs whose Gram form cancels badly
-// (d2 < (|a_i|^2 + |a_j|^2) / 32, as on the CPU) are recomputed exactly as sum_c (x_ic - y_jc)^2.
+// tpc_cuda_common.cuh (inputs shifted by x's token 0, half inputs too), pairs whose Gram form
+// cancels badly (d2 < (|a_i|^2 + |a_j|^2) / 32, as on the CPU) are recomputed exactly as
+// sum_c (x_ic - y_jc)^2 by a whole warp (channels across the lanes).
 // Without y only tiles I <= J run and each writes its pairs at (i, j) and (j, i): every unordered
 // pair is computed once, so D is bit-symmetric with an exactly zero diagonal by construction.
 //
@@ -31,6 +32,7 @@ namespace tpc_cuda {
 namespace {
 
 constexpr int kPT = 64;  // forward tile (rows and columns)
+static_assert(kPT % 32 == 0, "a warp's pairs of a tile row share the row");
 
 template <typename T>
 struct PdArgs {
@@ -55,7 +57,6 @@ __global__ void __launch_bounds__(kThreads, 2) pd_forward_kernel(const PdArgs<T>
   const int N = a.N, M = a.M, tid = threadIdx.x;
   const int r0 = I * kPT, c0 = J * kPT;
   const bool diag = a.self && I == J;
-  const float scale = static_cast<float>(sqrt(static_cast<double>(a.x.C)));
 
   if (tid < kPT) {
     s_rows[tid] = r0 + tid < N ? r0 + tid : -1;
@@ -65,28 +66,39 @@ __global__ void __launch_bounds__(kThreads, 2) pd_forward_kernel(const PdArgs<T>
   }
   __syncthreads();
   gram_run<T, ENG, kPT, kPT>(a.x, a.y, b, s_rows, s_cols, true, sm);
+  const float scale = static_cast<float>(sqrt(static_cast<double>(a.x.C)));
 
   // G -> D in place (float). In a diagonal tile only the strict upper triangle is computed; the
-  // lower one is read mirrored below, the diagonal is 0.
-  for (int e = tid; e < kPT * kPT; e += kThreads) {
-    const int r = e / kPT, c = e % kPT, i = r0 + r, j = c0 + c;
-    if (i >= N || j >= M) continue;
+  // lower one is read mirrored below, the diagonal is 0. Pairs whose Gram form cancels are
+  // recomputed exactly by their whole warp, one pair at a time (lane l sums channels l, l + 32, ...,
+  // then a butterfly): 16 uniform rounds of one pair per thread, so every lane reaches the ballot.
+  for (int e0 = 0; e0 < kPT * kPT; e0 += kThreads) {
+    const int e = e0 + tid, r = e / kPT, c = e % kPT, i = r0 + r, j = c0 + c, lane = tid & 31;
     float* g = &sm.G[r * G::LDG + c];
-    if (diag && c <= r) {
+    bool live = i < N && j < M;
+    if (live && diag && c <= r) {
       if (c == r) *g = 0.f;
-      continue;
+      live = false;
     }
-    const float sqi = sm.sq[r], sqj = sm.sq[kPT + c];
-    float ev = gram_e(sqi, sqj, *g);
-    if (ev * 32.f < sqi + sqj) {  // cancelling: recompute exactly (rare; one thread per pair)
+    float ev = 0.f;
+    bool cancel = false;
+    if (live) {
+      const float sqi = sm.sq[r], sqj = sm.sq[kPT + c];
+      ev = gram_e(sqi, sqj, *g);
+      cancel = ev * 32.f < sqi + sqj;
+    }
+    for (unsigned todo = __ballot_sync(kFull, cancel); todo != 0; todo &= todo - 1) {
+      // A warp's 32 pairs lie in one row (kPT % 32 == 0): the source lane's pair is (i, j - lane + src).
+      const int src = __ffs(static_cast<int>(todo)) - 1, js = j - lane + src;
       float acc = 0.f;
-      for (int ch = 0; ch < a.x.C; ++ch) {
-        const float d = a.x.at(b, i, ch) - a.y.at(b, j, ch);
+      for (int ch = lane; ch < a.x.C; ch += 32) {
+        const float d = a.x.at1(b, i, ch) - a.y.at1(b, js, ch);  // 3-D input: J == 1
         acc = fmaf(d, d, acc);
       }
-      ev = acc > 0.f ? acc : 0.f;
+      acc = warp_sum(acc);
+      if (lane == src) ev = acc > 0.f ? acc : 0.f;
     }
-    *g = finish(ev, scale);
+    if (live) *g = finish(ev, scale);
   }
   __syncthreads();
   T* out = a.out + static_cast<int64_t>(b) * N * M;

@@ -42,6 +42,7 @@ namespace {
 constexpr int kRT = 32;  // rows per block (8 threads per row)
 constexpr int kCT = 64;  // columns per streamed tile
 constexpr int kDeltaM = 4;  // Gram candidates refined for delta and the assignment
+constexpr int kSortKeys = 2048;  // topf_kernel: keys sorted in shared memory (16 KB) when !sorted
 
 // ---- kernel arguments ------------------------------------------------------------------------------
 
@@ -64,7 +65,7 @@ struct SelectParams {
   int* counter = nullptr;         // (B,) zeroed by density_kernel
   int64_t* index = nullptr;       // (B, f)
   int* pos_of = nullptr;          // (B, N) or null (no assignment)
-  uint64_t* selkey = nullptr;     // (B, max(nsel, 1)) scratch when !sorted
+  uint64_t* selkey = nullptr;     // (B, max(nsel, 1)) scratch when !sorted (keys past shared memory)
 };
 
 template <typename T>
@@ -336,7 +337,8 @@ __global__ void __launch_bounds__(kThreads, 2) delta_kernel(const DeltaArgs<T> a
                a.sel.pos_of != nullptr ? a.sel.pos_of + bN : nullptr,
                a.sel.selkey != nullptr ? a.sel.selkey + static_cast<int64_t>(b) * (a.sel.nsel > 0 ? a.sel.nsel : 1)
                                        : nullptr,
-               s_sel);
+               // the Gram tiles are done with: their shared memory sorts the best-first keys
+               reinterpret_cast<uint64_t*>(&sm), static_cast<int>(sizeof(sm) / sizeof(uint64_t)), s_sel);
 }
 
 // ---- assignment ------------------------------------------------------------------------------------
@@ -421,6 +423,7 @@ __global__ void __launch_bounds__(kThreads) topf_kernel(const TS* score, int64_t
                                                         bool sorted, const int64_t* exclude, int64_t* index,
                                                         uint64_t* selkey) {
   TPC_SHARED(SelectSmem, s_sel, );
+  TPC_SHARED(uint64_t, s_keys, [kSortKeys]);  // best-first sort of up to kSortKeys keys (else global scratch)
   const int b = static_cast<int>(blockIdx.x);
   const TS* row = score + static_cast<int64_t>(b) * row_stride;
   int ex = -1;
@@ -434,7 +437,8 @@ __global__ void __launch_bounds__(kThreads) topf_kernel(const TS* score, int64_t
     return rank_key(cls, s, j);
   };
   block_select(key, N, f, f, -1, false, sorted, index + static_cast<int64_t>(b) * f, nullptr,
-               selkey != nullptr ? selkey + static_cast<int64_t>(b) * (f > 0 ? f : 1) : nullptr, s_sel);
+               selkey != nullptr ? selkey + static_cast<int64_t>(b) * (f > 0 ? f : 1) : nullptr, s_keys, kSortKeys,
+               s_sel);
 }
 
 // ---- host side ---------------------------------------------------------------------------------------
