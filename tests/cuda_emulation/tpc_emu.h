@@ -122,7 +122,8 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask) {
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta) {
   tpc_emu::check_full(mask, "__shfl_up_sync");
-  return tpc_emu::exchange(v, [&](int lane) { return lane >= static_cast<int>(delta) ? lane - static_cast<int>(delta) : -1; });
+  const int d = static_cast<int>(delta);
+  return tpc_emu::exchange(v, [&](int lane) { return lane >= d ? lane - d : -1; });
 }
 template <typename T>
 inline T __shfl_sync(unsigned mask, T v, int src_lane) {
@@ -276,10 +277,20 @@ inline void fill_fragment(fragment<Use, M, N, K, T, L>& f, E v) {
   for (auto& e : f.x) e = static_cast<typename fragment<Use, M, N, K, T, L>::element_type>(v);
 }
 
+// The CUDA C++ Programming Guide's requirements of load/store_matrix_sync: a 256-bit aligned
+// pointer and a leading dimension that is a multiple of 16 bytes.
+template <typename P>
+inline void check_wmma_address(const P* p, unsigned ld, const char* what) {
+  if (reinterpret_cast<uintptr_t>(p) % 32 != 0 || (ld * sizeof(P)) % 16 != 0)
+    throw std::runtime_error(std::string("tpc_emu: ") + what + ": pointer not 32-byte aligned or ld (" +
+                             std::to_string(ld) + " elements) not a multiple of 16 bytes");
+}
+
 // Per lane, no exchange: every lane reads its own elements (the hardware's ldmatrix/ld are per
 // lane too). Row-major: (r, c) at p[r * ld + c]; col-major: at p[c * ld + r].
 template <typename Use, int M, int N, int K, typename T, typename L, typename P>
 inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsigned ld) {
+  check_wmma_address(p, ld, "load_matrix_sync");
   const int lane = tra_emu::tl_tid % tra_emu::kWarpSize;
   constexpr bool col = std::is_same<L, col_major>::value;
   for (int e = 0; e < f.num_elements; ++e) {
@@ -291,6 +302,7 @@ inline void load_matrix_sync(fragment<Use, M, N, K, T, L>& f, const P* p, unsign
 
 template <int M, int N, int K, typename T, typename P>
 inline void store_matrix_sync(P* p, const fragment<accumulator, M, N, K, T>& f, unsigned ld, layout_t layout) {
+  check_wmma_address(p, ld, "store_matrix_sync");
   const int lane = tra_emu::tl_tid % tra_emu::kWarpSize;
   for (int e = 0; e < f.num_elements; ++e) {
     int r, c;

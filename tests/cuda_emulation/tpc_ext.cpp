@@ -40,7 +40,7 @@ at::Tensor wmma_selftest(const at::Tensor& a, const at::Tensor& bt, bool tf32) {
                   a.scalar_type() == at::kFloat && bt.scalar_type() == at::kFloat,
               "a and bt must be (16, ", K, ") float32");
   const at::Tensor ac = a.contiguous(), bc = bt.contiguous();
-  at::Tensor out = at::empty({16, 16}, a.options());
+  at::Tensor out = at::empty({16, 16}, a.options());  // (wmma wants 32-byte aligned rows: ATen's CPU allocations are 64-byte aligned)
   const float* pa = ac.data_ptr<float>();
   const float* pb = bc.data_ptr<float>();
   float* po = out.data_ptr<float>();
@@ -53,7 +53,7 @@ at::Tensor wmma_selftest(const at::Tensor& a, const at::Tensor& bt, bool tf32) {
       w::store_matrix_sync(po, acc, 16, w::mem_row_major);
     } else {
       using MM = hot_kernels::tpc_cuda::Mma<__half, hot_kernels::tpc_cuda::kEngNative>;
-      __half ha[256], hb[256];
+      alignas(32) __half ha[256], hb[256];
       for (int i = 0; i < 256; ++i) {
         ha[i] = __half(pa[i]);
         hb[i] = __half(pb[i]);
