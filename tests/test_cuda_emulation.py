@@ -92,39 +92,45 @@ def _toolchain_problem():
     return None
 
 
-def _environmental(log):
+def _environmental(log, ours=OURS):
     """True when a failed build's log shows no compile error in our own sources."""
     if re.search(r"internal compiler error|Killed|No space left|Cannot allocate memory|out of memory", log):
         return True
-    return not any(re.search(re.escape(name) + r":\d+:\d+: (fatal )?error", log) for name in OURS)
+    return not any(re.search(re.escape(name) + r":\d+:\d+: (fatal )?error", log) for name in ours)
 
 
-@pytest.fixture(scope="session")
-def emu(tmp_path_factory):
-    """torch.ops.hot_kernels_tra_emu, built once per session in a scratch directory."""
+def build_emulation(tmp_path_factory, name, source, define, ours):
+    """torch.ops.<name>, built from tests/cuda_emulation/<source> with -D<define> in a scratch
+    directory (skips when the toolchain cannot build it; fails on a compile error in `ours`)."""
     why = _toolchain_problem()
     if why is not None:
         pytest.skip(f"CUDA emulation not built: {why}")
-    build = tmp_path_factory.mktemp("tra_emu_build")
+    build = tmp_path_factory.mktemp(name + "_build")
     # -O1: the fastest build + run here (the run is dominated by thread hand-offs, not arithmetic).
-    flags = ["-std=c++20", "-O1", "-DTRA_EMULATE", "-DHOT_KERNELS_WITH_CUDA", "-Wno-unknown-pragmas",
+    flags = ["-std=c++20", "-O1", f"-D{define}", "-DHOT_KERNELS_WITH_CUDA", "-Wno-unknown-pragmas",
              "-fvisibility=hidden"]
     ldflags = []
     if os.environ.get("TRA_EMU_ASAN") == "1":  # see tests/cuda_emulation/README.md
         flags += ["-g", "-fsanitize=address", "-fno-omit-frame-pointer"]
         ldflags += ["-fsanitize=address"]
     try:
-        ce.load(name="hot_kernels_tra_emu", sources=[os.path.join(EMU_DIR, "tra_ext.cpp")],
+        ce.load(name=name, sources=[os.path.join(EMU_DIR, source)],
                 extra_cflags=flags, extra_ldflags=ldflags, extra_include_paths=[CSRC, EMU_DIR],
                 build_directory=str(build), verbose=False, is_python_module=False)
-        return torch.ops.hot_kernels_tra_emu
+        return getattr(torch.ops, name)
     except (RuntimeError, OSError) as e:
         log = str(e)
-    if _environmental(log):
+    if _environmental(log, ours):
         pytest.skip(f"CUDA emulation not built (toolchain problem, not our sources): {log[-1500:]}")
     errors = [line for line in log.splitlines() if re.search(r":\d+:\d+: (fatal )?error", line)]
-    pytest.fail("the CUDA sources do not compile under TRA_EMULATE:\n" + "\n".join(errors[:30])
+    pytest.fail(f"the CUDA sources do not compile under {define}:\n" + "\n".join(errors[:30])
                 + f"\n---- end of the build log ----\n{log[-3000:]}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def emu(tmp_path_factory):
+    """torch.ops.hot_kernels_tra_emu, built once per session in a scratch directory."""
+    return build_emulation(tmp_path_factory, "hot_kernels_tra_emu", "tra_ext.cpp", "TRA_EMULATE", OURS)
 
 
 @pytest.fixture

@@ -8,9 +8,11 @@
 // (pos_batch, f, C) = grad summed over J (and over B when pos_batch == 1) in float32, one thread per
 // output element in a fixed order (b outer, j inner: the CPU's sum over J, then over B), no atomics.
 // An index value outside [0, F) reads nothing (zeros) and writes nothing: never out of bounds.
+#ifndef TPC_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -98,7 +100,7 @@ at::Tensor gather_frames_cuda(const at::Tensor& x_in, const at::Tensor& index_in
                               const std::optional<at::Tensor>& pos_embed) {
   const char* op = "gather_frames";
   TORCH_CHECK(x_in.dim() == 4, op, ": x must be (B, F, J, C), got ", x_in.sizes());
-  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got ", x_in.device());
+  TORCH_CHECK(on_device(x_in), op, ": x must be a CUDA tensor, got ", x_in.device());
   const int64_t B = x_in.size(0), F = x_in.size(1), J = x_in.size(2), C = x_in.size(3);
   check_index(index_in, B, x_in, op);
   const int64_t f = index_in.size(1);
@@ -121,11 +123,10 @@ at::Tensor gather_frames_cuda(const at::Tensor& x_in, const at::Tensor& index_in
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_type(x.scalar_type(), op, "x", [&](auto tag) {
     using T = decltype(tag);
-    gather_kernel<T><<<static_cast<unsigned>(B * f), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(x.data_ptr()), index.data_ptr<int64_t>(),
-        has_pos ? pos.data_ptr<float>() : nullptr, has_pos ? static_cast<int>(pos.size(0)) : 0, static_cast<int>(F),
-        static_cast<int>(f), J, C, reinterpret_cast<T*>(out.data_ptr()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(gather_kernel<T>, static_cast<unsigned>(B * f), stream, reinterpret_cast<const T*>(x.data_ptr()),
+           index.data_ptr<int64_t>(), has_pos ? pos.data_ptr<float>() : nullptr,
+           has_pos ? static_cast<int>(pos.size(0)) : 0, static_cast<int>(F), static_cast<int>(f), J, C,
+           reinterpret_cast<T*>(out.data_ptr()));
   });
   return out;
 }
@@ -134,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor> gather_frames_backward_cuda(const at::Tensor&
                                                               int64_t num_frames, int64_t pos_batch) {
   const char* op = "gather_frames_backward";
   TORCH_CHECK(grad_in.dim() == 4, op, ": grad must be (B, f, J, C), got ", grad_in.sizes());
-  TORCH_CHECK(grad_in.is_cuda(), op, ": grad must be a CUDA tensor, got ", grad_in.device());
+  TORCH_CHECK(on_device(grad_in), op, ": grad must be a CUDA tensor, got ", grad_in.device());
   const int64_t B = grad_in.size(0), f = grad_in.size(1), J = grad_in.size(2), C = grad_in.size(3);
   check_index(index_in, B, grad_in, op);
   TORCH_CHECK(index_in.size(1) == f, op, ": index must be (B, f) = (", B, ", ", f, "), got ", index_in.sizes());
@@ -160,18 +161,16 @@ std::tuple<at::Tensor, at::Tensor> gather_frames_backward_cuda(const at::Tensor&
     const int64_t JC = J * C;
     if (B > 0 && f > 0 && JC > 0 && num_frames > 0) {
       TORCH_CHECK(B * f <= std::numeric_limits<int>::max(), op, ": B * f = ", B * f, " is too large for one launch");
-      scatter_kernel<T><<<static_cast<unsigned>(B * f), kThreads, 0, stream>>>(
-          reinterpret_cast<const T*>(grad.data_ptr()), index.data_ptr<int64_t>(), static_cast<int>(num_frames), JC,
-          reinterpret_cast<T*>(grad_x.data_ptr()), static_cast<int>(f));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(scatter_kernel<T>, static_cast<unsigned>(B * f), stream, reinterpret_cast<const T*>(grad.data_ptr()),
+             index.data_ptr<int64_t>(), static_cast<int>(num_frames), JC, reinterpret_cast<T*>(grad_x.data_ptr()),
+             static_cast<int>(f));
     }
     if (pos_batch > 0 && B > 0 && f > 0 && C > 0) {
       const int64_t total = pos_batch * f * C;
       const int64_t blocks = (total + kThreads - 1) / kThreads;
       TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": grad_pos too large for one launch");
-      pos_grad_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(
-          reinterpret_cast<const T*>(grad.data_ptr()), B, f, J, C, pos_batch, reinterpret_cast<T*>(grad_pos.data_ptr()));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(pos_grad_kernel<T>, static_cast<unsigned>(blocks), stream, reinterpret_cast<const T*>(grad.data_ptr()), B,
+             f, J, C, pos_batch, reinterpret_cast<T*>(grad_pos.data_ptr()));
     }
   });
   return std::make_tuple(grad_x, grad_pos);

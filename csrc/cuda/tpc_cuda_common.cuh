@@ -8,22 +8,37 @@
 // Distances. D[i,j] = ||x_i - x_j|| / sqrt(C). Candidates (each row's nearest tokens, its nearest
 // higher token, its nearest kept token) come from Gram tiles, d2 = |a_i|^2 + |a_j|^2 - 2 a_i.a_j on
 // tensor cores (3xTF32 for float32 / pooled input, native fp16/bf16 products for 3-D half input,
-// fp32 accumulation) or on fp32 FMA units (HOT_KERNELS_CUDA_GRAM=fma, or an arch below sm_80). The
-// float paths stage a_i = x_i - s, s = token 0 of the sample (its finite channels): distances are
-// translation invariant and the shift shrinks the cancellation of the Gram form. Every distance that
-// feeds a result is then REFINED: recomputed as sum_c (x_ic - x_jc)^2 in float32 from the raw
-// (pooled) values by refine_d2, whose summation order depends only on c and C. That value is
-// bit-symmetric, so mutual nearest neighbours get bitwise-equal densities (the tie rule needs it),
-// and near-duplicate tokens, where the Gram form cancels, get accurate distances.
+// fp32 accumulation) or on fp32 FMA units (HOT_KERNELS_CUDA_GRAM=fma, or an arch below sm_80).
+// Every engine stages a_i = x_i - s, s = token 0 of the sample (its finite channels), computed in
+// float32 and rounded once to the stage type (float32, or the half type for native products):
+// distances are translation invariant and the shift shrinks the cancellation of the Gram form
+// (unshifted, a channel mean far above the spread makes |a|^2 >> d^2 and the Gram error swamps the
+// gaps between neighbours). Every distance that feeds a result is then REFINED: recomputed as
+// sum_c (x_ic - x_jc)^2 in float32 from the raw (pooled) values by refine_d2, whose summation
+// order depends only on c and C. That value is bit-symmetric, so mutual nearest neighbours get
+// bitwise-equal densities (the tie rule needs it), and near-duplicate tokens, where the Gram form
+// cancels, get accurate distances.
 //
 // e = max(d2, 0) (NaN -> 0, as the reference's where(d2 > 0, ...)); D = finish(e) is exactly the
 // reference's formula. Every block has kThreads = 256 threads (8 warps); kernels rely on it.
+//
+// TPC_EMULATE (never defined in the build): these sources compile as plain C++ against the CPU
+// emulation of tests/cuda_emulation/tpc_emu.h (included first), which supplies the CUDA built-ins
+// they use (threadIdx, __syncthreads, shuffles, ballots, nvcuda::wmma, ...). For it, shared
+// variables are declared with TPC_SHARED (plain __shared__ there does not compile) and kernels are
+// launched with launch() below, never with <<< >>>.
 #pragma once
 
+#ifndef TPC_EMULATE
+#include <c10/cuda/CUDAException.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <mma.h>
+
+// `__shared__ type name dims;` (the emulation poisons each such variable when a block starts).
+#define TPC_SHARED(type, name, dims) __shared__ type name dims
+#endif
 
 #include <ATen/core/Tensor.h>
 
@@ -117,7 +132,8 @@ struct Points {
     for (int j = 0; j < J; ++j) s += to_f(p[static_cast<int64_t>(j) * sj]);
     return s / static_cast<float>(J);
   }
-  __device__ __forceinline__ T raw(int b, int n, int c) const { return *ptr(b, n, c); }
+  // at() without the pooling code, for callers that know J == 1 (the native engine).
+  __device__ __forceinline__ float at1(int b, int n, int c) const { return to_f(*ptr(b, n, c)); }
 };
 
 // The exact squared distance sum_c (p_ic - p_jc)^2 computed by an aligned group of 8 lanes (sub =
@@ -365,22 +381,18 @@ __device__ __forceinline__ void gram_stage_load(const Points<T>& A, const Points
   const int lane = threadIdx.x & 31;
   const int c = k0 + lane;
   const bool cin = c < A.C;
+  // The native engine only runs 3-D input (J == 1): plain loads, no pooling code (registers).
+  auto load = [&](const Points<T>& P, int n) { return ENG == kEngNative ? P.at1(b, n, c) : P.at(b, n, c); };
   float shift = 0.f;
-  if constexpr (ENG != kEngNative) {
-    if (cin) {
-      const float s0 = A.at(b, 0, c);
-      shift = isfinite(s0) ? s0 : 0.f;
-    }
+  if (cin) {
+    const float s0 = load(A, 0);
+    shift = isfinite(s0) ? s0 : 0.f;
   }
 #pragma unroll
   for (int q = 0; q < G::Q; ++q) {
     const Points<T>& P = q < G::QA ? A : Bp;
-    S val;
-    if constexpr (ENG == kEngNative) {
-      val = (cin && tok[q] >= 0) ? P.raw(b, tok[q], c) : from_f<S>(0.f);
-    } else {
-      val = (cin && tok[q] >= 0) ? P.at(b, tok[q], c) - shift : 0.f;
-    }
+    // x - s in float32, rounded once to the stage type (native engine: the half type).
+    const S val = from_f<S>((cin && tok[q] >= 0) ? load(P, tok[q]) - shift : 0.f);
     v[q] = val;
     if (q >= G::QA || row_norms) {
       const float f = to_f(val);
@@ -506,15 +518,40 @@ struct SelectSmem {
   int rem;
 };
 
+// Sorts keys[0, n) in place, largest first, with a bitonic network in its "flip" form (the first
+// step of each merge pairs i with its mirror in the merged block, then half-cleaners), which sorts
+// any n: the missing elements past n would be the smallest and never move, so pairs reaching past
+// n are skipped. O(log^2 n) steps of n / kThreads compare-exchanges, a __syncthreads() after each.
+// keys (shared or global memory) must be visible to the block; uniform control flow required.
+__device__ __forceinline__ void block_sort_desc(uint64_t* keys, int n) {
+  for (int k = 2; (k >> 1) < n; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = threadIdx.x; i < n; i += kThreads) {
+        const int p = j == (k >> 1) ? (i ^ (k - 1)) : (i ^ j);
+        if (p > i && p < n) {
+          const uint64_t lo = keys[i], hi = keys[p];
+          if (lo < hi) {
+            keys[i] = hi;
+            keys[p] = lo;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+}
+
 // One block selects for one row: the nsel tokens with the largest key(i) (i in [0, N); keys unique),
 // written to index_row[0, f) as int64: ascending token order when sorted (with `center` added when
 // keep_center), else best first (then `center` last when keep_center). pos_row (optional): position
-// of each token in index_row, -1 for the others. selkey_row: nsel uint64 of scratch (only used when
-// !sorted). Radix select over the 8 bytes of the key (8 passes over N), then a compaction in token
-// order; best-first positions by counting (O(nsel^2) / kThreads). Uniform control flow required.
+// of each token in index_row, -1 for the others. Radix select over the 8 bytes of the key (8 passes
+// over N), then a compaction in token order; best first: the nsel selected keys sorted in place
+// (block_sort_desc) in sort_buf (sort_cap keys of shared memory) when they fit, else in selkey_row
+// (nsel uint64 of global scratch, only used when !sorted). Uniform control flow required.
 template <class KeyFn>
 __device__ void block_select(const KeyFn& key, int N, int nsel, int f, int center, bool keep_center, bool sorted,
-                             int64_t* index_row, int* pos_row, uint64_t* selkey_row, SelectSmem& sm) {
+                             int64_t* index_row, int* pos_row, uint64_t* selkey_row, uint64_t* sort_buf,
+                             int sort_cap, SelectSmem& sm) {
   const int tid = threadIdx.x;
   if (pos_row)
     for (int i = tid; i < N; i += kThreads) pos_row[i] = -1;
@@ -571,7 +608,8 @@ __device__ void block_select(const KeyFn& key, int N, int nsel, int f, int cente
     }
     return;
   }
-  // Best first: gather the selected keys (token order), then position = number of larger keys.
+  // Best first: gather the selected keys (token order), sort them (largest first), write.
+  uint64_t* keys = nsel <= sort_cap ? sort_buf : selkey_row;
   int base = 0;
   for (int c0 = 0; c0 < N; c0 += kThreads) {
     const int i = c0 + tid;
@@ -585,20 +623,18 @@ __device__ void block_select(const KeyFn& key, int N, int nsel, int f, int cente
     const int incl = block_inclusive_scan(sel ? 1 : 0, sm.ws, total);
     if (sel) {
       const int p = base + incl - 1;
-      if (p < nsel) selkey_row[p] = s;
+      if (p < nsel) keys[p] = s;
     }
     base += total;
   }
-  __syncthreads();  // selkey_row (global) written by this block is visible to it after the barrier
+  __syncthreads();  // keys (shared or global) written by this block are visible to it after the barrier
   const int cnt = base < nsel ? base : nsel;
-  for (int q = tid; q < cnt; q += kThreads) {
-    const uint64_t s = selkey_row[q];
-    int rank = 0;
-    for (int q2 = 0; q2 < cnt; ++q2) rank += selkey_row[q2] > s ? 1 : 0;
-    const int tokn = key_token(s);
-    if (rank < f && tokn >= 0 && tokn < N) {
-      index_row[rank] = tokn;
-      if (pos_row) pos_row[tokn] = rank;
+  block_sort_desc(keys, cnt);
+  for (int q = tid; q < cnt && q < f; q += kThreads) {
+    const int tokn = key_token(keys[q]);
+    if (tokn >= 0 && tokn < N) {
+      index_row[q] = tokn;
+      if (pos_row) pos_row[tokn] = q;
     }
   }
   if (keep_center && tid == 0 && f >= 1 && center >= 0 && center < N) {
@@ -609,14 +645,42 @@ __device__ void block_select(const KeyFn& key, int N, int nsel, int f, int cente
 
 // ---- host helpers ----------------------------------------------------------------------------------
 
-// The Gram engine: HOT_KERNELS_CUDA_GRAM=fma forces the FMA engine (a debugging aid, read once);
-// else native half products for 3-D half input, 3xTF32 otherwise.
+// Runs kernel k on `blocks` blocks of kThreads threads on `stream` (the CPU emulation under
+// TPC_EMULATE). No-op for blocks == 0.
+template <typename... P, typename... A>
+void launch(void (*k)(P...), unsigned blocks, cudaStream_t stream, const A&... args) {
+  if (blocks == 0) return;
+#ifdef TPC_EMULATE
+  (void)stream;
+  tpc_emu::launch(blocks, kThreads, [&] { k(args...); });
+#else
+  k<<<blocks, kThreads, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
+
+// The tensor is on the backend's device (a CPU tensor under the emulation).
+inline bool on_device(const at::Tensor& t) {
+#ifdef TPC_EMULATE
+  return t.is_cpu();
+#else
+  return t.is_cuda();
+#endif
+}
+
+// The Gram engine: HOT_KERNELS_CUDA_GRAM=fma forces the FMA engine (a debugging aid, read once;
+// under the emulation, set per call by the test); else native half products for 3-D half input,
+// 3xTF32 otherwise.
 inline bool force_fma() {
+#ifdef TPC_EMULATE
+  return tpc_emu::g_force_fma;
+#else
   static const bool v = [] {
     const char* e = std::getenv("HOT_KERNELS_CUDA_GRAM");
     return e != nullptr && std::strcmp(e, "fma") == 0;
   }();
   return v;
+#endif
 }
 
 inline int choose_engine(at::ScalarType st, int64_t J) {

@@ -2,8 +2,9 @@
 //
 // Forward: D (B, N, M) = ||x_i - y_j|| / sqrt(C) in x's dtype. One block per 64 x 64 tile of D
 // (flattened grid: sample, row tile, column tile); the tile's Gram values come from the engine of
-// tpc_cuda_common.cuh (inputs shifted by x's token 0), pairs whose Gram form cancels badly
-// (d2 < (|a_i|^2 + |a_j|^2) / 32, as on the CPU) are recomputed exactly as sum_c (x_ic - y_jc)^2.
+// tpc_cuda_common.cuh (inputs shifted by x's token 0, half inputs too), pairs whose Gram form
+// cancels badly (d2 < (|a_i|^2 + |a_j|^2) / 32, as on the CPU) are recomputed exactly as
+// sum_c (x_ic - y_jc)^2 by a whole warp (channels across the lanes).
 // Without y only tiles I <= J run and each writes its pairs at (i, j) and (j, i): every unordered
 // pair is computed once, so D is bit-symmetric with an exactly zero diagonal by construction.
 //
@@ -12,9 +13,11 @@
 // and without y grad_x_i = sum_j (W_ij + W_ji) (x_i - x_j). Computed in that direct-difference
 // form (translation invariant, no cancellation), float32 accumulation in a fixed order: one block per
 // (sample, 32 rows, 64 channels), streaming the other tokens in chunks of 32.
+#ifndef TPC_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -29,6 +32,7 @@ namespace tpc_cuda {
 namespace {
 
 constexpr int kPT = 64;  // forward tile (rows and columns)
+static_assert(kPT % 32 == 0, "a warp's pairs of a tile row share the row");
 
 template <typename T>
 struct PdArgs {
@@ -41,9 +45,9 @@ struct PdArgs {
 template <typename T, int ENG>
 __global__ void __launch_bounds__(kThreads, 2) pd_forward_kernel(const PdArgs<T> a) {
   using G = Gram<T, ENG, kPT, kPT>;
-  __shared__ typename G::Smem sm;
-  __shared__ int s_rows[kPT];
-  __shared__ int s_cols[kPT];
+  TPC_SHARED(typename G::Smem, sm, );
+  TPC_SHARED(int, s_rows, [kPT]);
+  TPC_SHARED(int, s_cols, [kPT]);
 
   const int64_t blk = blockIdx.x;
   const int J = static_cast<int>(blk % a.tm);
@@ -53,7 +57,6 @@ __global__ void __launch_bounds__(kThreads, 2) pd_forward_kernel(const PdArgs<T>
   const int N = a.N, M = a.M, tid = threadIdx.x;
   const int r0 = I * kPT, c0 = J * kPT;
   const bool diag = a.self && I == J;
-  const float scale = static_cast<float>(sqrt(static_cast<double>(a.x.C)));
 
   if (tid < kPT) {
     s_rows[tid] = r0 + tid < N ? r0 + tid : -1;
@@ -63,28 +66,39 @@ __global__ void __launch_bounds__(kThreads, 2) pd_forward_kernel(const PdArgs<T>
   }
   __syncthreads();
   gram_run<T, ENG, kPT, kPT>(a.x, a.y, b, s_rows, s_cols, true, sm);
+  const float scale = static_cast<float>(sqrt(static_cast<double>(a.x.C)));
 
   // G -> D in place (float). In a diagonal tile only the strict upper triangle is computed; the
-  // lower one is read mirrored below, the diagonal is 0.
-  for (int e = tid; e < kPT * kPT; e += kThreads) {
-    const int r = e / kPT, c = e % kPT, i = r0 + r, j = c0 + c;
-    if (i >= N || j >= M) continue;
+  // lower one is read mirrored below, the diagonal is 0. Pairs whose Gram form cancels are
+  // recomputed exactly by their whole warp, one pair at a time (lane l sums channels l, l + 32, ...,
+  // then a butterfly): 16 uniform rounds of one pair per thread, so every lane reaches the ballot.
+  for (int e0 = 0; e0 < kPT * kPT; e0 += kThreads) {
+    const int e = e0 + tid, r = e / kPT, c = e % kPT, i = r0 + r, j = c0 + c, lane = tid & 31;
     float* g = &sm.G[r * G::LDG + c];
-    if (diag && c <= r) {
+    bool live = i < N && j < M;
+    if (live && diag && c <= r) {
       if (c == r) *g = 0.f;
-      continue;
+      live = false;
     }
-    const float sqi = sm.sq[r], sqj = sm.sq[kPT + c];
-    float ev = gram_e(sqi, sqj, *g);
-    if (ev * 32.f < sqi + sqj) {  // cancelling: recompute exactly (rare; one thread per pair)
+    float ev = 0.f;
+    bool cancel = false;
+    if (live) {
+      const float sqi = sm.sq[r], sqj = sm.sq[kPT + c];
+      ev = gram_e(sqi, sqj, *g);
+      cancel = ev * 32.f < sqi + sqj;
+    }
+    for (unsigned todo = __ballot_sync(kFull, cancel); todo != 0; todo &= todo - 1) {
+      // A warp's 32 pairs lie in one row (kPT % 32 == 0): the source lane's pair is (i, j - lane + src).
+      const int src = __ffs(static_cast<int>(todo)) - 1, js = j - lane + src;
       float acc = 0.f;
-      for (int ch = 0; ch < a.x.C; ++ch) {
-        const float d = a.x.at(b, i, ch) - a.y.at(b, j, ch);
+      for (int ch = lane; ch < a.x.C; ch += 32) {
+        const float d = a.x.at1(b, i, ch) - a.y.at1(b, js, ch);  // 3-D input: J == 1
         acc = fmaf(d, d, acc);
       }
-      ev = acc > 0.f ? acc : 0.f;
+      acc = warp_sum(acc);
+      if (lane == src) ev = acc > 0.f ? acc : 0.f;
     }
-    *g = finish(ev, scale);
+    if (live) *g = finish(ev, scale);
   }
   __syncthreads();
   T* out = a.out + static_cast<int64_t>(b) * N * M;
@@ -134,9 +148,9 @@ __device__ __forceinline__ float w_at(const PdBwdArgs<T>& a, int b, int i, int j
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) pd_backward_kernel(const PdBwdArgs<T> a) {
-  __shared__ float s_w[kBR][kBS + 1];   // w(r, s) (direct part)
-  __shared__ float s_wt[kBR][kBS + 1];  // w(r, s) transposed part (sym only)
-  __shared__ float s_q[kBS][kBC];
+  TPC_SHARED(float, s_w, [kBR][kBS + 1]);   // w(r, s) (direct part)
+  TPC_SHARED(float, s_wt, [kBR][kBS + 1]);  // w(r, s) transposed part (sym only)
+  TPC_SHARED(float, s_q, [kBS][kBC]);
 
   const int64_t blk = blockIdx.x;
   const int ct = static_cast<int>(blk % a.ch_tiles);
@@ -200,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) pd_backward_kernel(const PdBwdArgs<T
 
 void check_xy(const at::Tensor& x, const std::optional<at::Tensor>& y, const char* op) {
   TORCH_CHECK(x.dim() == 3, op, ": x must be (B, N, C), got ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(on_device(x), op, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.size(2) >= 1 || x.size(0) * x.size(1) == 0, op, ": x must have at least one channel, got ", x.sizes());
   TORCH_CHECK(x.size(1) <= std::numeric_limits<int>::max() / 2 && x.size(2) <= std::numeric_limits<int>::max() / 2,
               op, ": x too large: ", x.sizes());
@@ -246,8 +260,7 @@ at::Tensor pairwise_distance_cuda(const at::Tensor& x_in, const std::optional<at
     a.out = reinterpret_cast<T*>(out.data_ptr());
     with_engine<T>(choose_engine(x.scalar_type(), 1), [&](auto eng) {
       constexpr int E = decltype(eng)::value;
-      pd_forward_kernel<T, E><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(pd_forward_kernel<T, E>, static_cast<unsigned>(blocks), stream, a);
     });
   });
   return out;
@@ -302,8 +315,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cuda(const at::Ten
       a.out = reinterpret_cast<T*>(out.data_ptr());
       const int64_t blocks = B * a.row_tiles * static_cast<int64_t>(a.ch_tiles);
       TORCH_CHECK(blocks <= std::numeric_limits<int>::max(), op, ": too large for one launch");
-      pd_backward_kernel<T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(pd_backward_kernel<T>, static_cast<unsigned>(blocks), stream, a);
     };
     if (has_y) {
       run(x, y, kWDirect, gx);

@@ -17,9 +17,11 @@
 //
 // Launches: knn_density 1, dpc_delta 2 (row maxima, then delta), topf_select 1, dpc_knn 2 (density,
 // delta + selection), 3 with return_assignment.
+#ifndef TPC_EMULATE
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -40,6 +42,7 @@ namespace {
 constexpr int kRT = 32;  // rows per block (8 threads per row)
 constexpr int kCT = 64;  // columns per streamed tile
 constexpr int kDeltaM = 4;  // Gram candidates refined for delta and the assignment
+constexpr int kSortKeys = 2048;  // topf_kernel: keys sorted in shared memory (16 KB) when !sorted
 
 // ---- kernel arguments ------------------------------------------------------------------------------
 
@@ -62,7 +65,7 @@ struct SelectParams {
   int* counter = nullptr;         // (B,) zeroed by density_kernel
   int64_t* index = nullptr;       // (B, f)
   int* pos_of = nullptr;          // (B, N) or null (no assignment)
-  uint64_t* selkey = nullptr;     // (B, max(nsel, 1)) scratch when !sorted
+  uint64_t* selkey = nullptr;     // (B, max(nsel, 1)) scratch when !sorted (keys past shared memory)
 };
 
 template <typename T>
@@ -102,13 +105,13 @@ __device__ __forceinline__ double clean_key(double v, bool real) { return (v != 
 template <typename T, int ENG, int M>
 __global__ void __launch_bounds__(kThreads, M <= 16 ? 2 : 1) density_kernel(const DensityArgs<T> a) {
   using G = Gram<T, ENG, kRT, kCT>;
-  __shared__ typename G::Smem sm;
-  __shared__ int s_rows[kRT];
-  __shared__ int s_cols[2][kCT];  // double-buffered by tile parity (see the loop)
-  __shared__ unsigned char s_creal[2][kCT];
-  __shared__ float s_cv[kRT][M];
-  __shared__ int s_cj[kRT][M];
-  __shared__ int s_ws[kWarps];
+  TPC_SHARED(typename G::Smem, sm, );
+  TPC_SHARED(int, s_rows, [kRT]);
+  TPC_SHARED(int, s_cols, [2][kCT]);  // double-buffered by tile parity (see the loop)
+  TPC_SHARED(unsigned char, s_creal, [2][kCT]);
+  TPC_SHARED(float, s_cv, [kRT][M]);
+  TPC_SHARED(int, s_cj, [kRT][M]);
+  TPC_SHARED(int, s_ws, [kWarps]);
 
   const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.tiles));
   const int b = static_cast<int>(blockIdx.x / static_cast<unsigned>(a.tiles));
@@ -219,15 +222,15 @@ __global__ void __launch_bounds__(kThreads, M <= 16 ? 2 : 1) density_kernel(cons
 template <typename T, int ENG>
 __global__ void __launch_bounds__(kThreads, 2) delta_kernel(const DeltaArgs<T> a) {
   using G = Gram<T, ENG, kRT, kCT>;
-  __shared__ typename G::Smem sm;
-  __shared__ int s_rows[kRT];
-  __shared__ int s_cols[2][kCT];
-  __shared__ double s_ckey[2][kCT];
-  __shared__ float s_cv[kRT][kDeltaM];
-  __shared__ int s_cj[kRT][kDeltaM];
-  __shared__ float s_wsf[kWarps];
-  __shared__ SelectSmem s_sel;
-  __shared__ int s_last;
+  TPC_SHARED(typename G::Smem, sm, );
+  TPC_SHARED(int, s_rows, [kRT]);
+  TPC_SHARED(int, s_cols, [2][kCT]);
+  TPC_SHARED(double, s_ckey, [2][kCT]);
+  TPC_SHARED(float, s_cv, [kRT][kDeltaM]);
+  TPC_SHARED(int, s_cj, [kRT][kDeltaM]);
+  TPC_SHARED(float, s_wsf, [kWarps]);
+  TPC_SHARED(SelectSmem, s_sel, );
+  TPC_SHARED(int, s_last, );
 
   const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.tiles));
   const int b = static_cast<int>(blockIdx.x / static_cast<unsigned>(a.tiles));
@@ -334,7 +337,8 @@ __global__ void __launch_bounds__(kThreads, 2) delta_kernel(const DeltaArgs<T> a
                a.sel.pos_of != nullptr ? a.sel.pos_of + bN : nullptr,
                a.sel.selkey != nullptr ? a.sel.selkey + static_cast<int64_t>(b) * (a.sel.nsel > 0 ? a.sel.nsel : 1)
                                        : nullptr,
-               s_sel);
+               // the Gram tiles are done with: their shared memory sorts the best-first keys
+               reinterpret_cast<uint64_t*>(&sm), static_cast<int>(sizeof(sm) / sizeof(uint64_t)), s_sel);
 }
 
 // ---- assignment ------------------------------------------------------------------------------------
@@ -344,11 +348,11 @@ __global__ void __launch_bounds__(kThreads, 2) delta_kernel(const DeltaArgs<T> a
 template <typename T, int ENG>
 __global__ void __launch_bounds__(kThreads, 2) assign_kernel(const AssignArgs<T> a) {
   using G = Gram<T, ENG, kRT, kCT>;
-  __shared__ typename G::Smem sm;
-  __shared__ int s_rows[kRT];
-  __shared__ int s_cols[2][kCT];
-  __shared__ float s_cv[kRT][kDeltaM];
-  __shared__ int s_cj[kRT][kDeltaM];
+  TPC_SHARED(typename G::Smem, sm, );
+  TPC_SHARED(int, s_rows, [kRT]);
+  TPC_SHARED(int, s_cols, [2][kCT]);
+  TPC_SHARED(float, s_cv, [kRT][kDeltaM]);
+  TPC_SHARED(int, s_cj, [kRT][kDeltaM]);
 
   const int tile = static_cast<int>(blockIdx.x % static_cast<unsigned>(a.tiles));
   const int b = static_cast<int>(blockIdx.x / static_cast<unsigned>(a.tiles));
@@ -418,7 +422,8 @@ template <typename TS>
 __global__ void __launch_bounds__(kThreads) topf_kernel(const TS* score, int64_t row_stride, int N, int f,
                                                         bool sorted, const int64_t* exclude, int64_t* index,
                                                         uint64_t* selkey) {
-  __shared__ SelectSmem s_sel;
+  TPC_SHARED(SelectSmem, s_sel, );
+  TPC_SHARED(uint64_t, s_keys, [kSortKeys]);  // best-first sort of up to kSortKeys keys (else global scratch)
   const int b = static_cast<int>(blockIdx.x);
   const TS* row = score + static_cast<int64_t>(b) * row_stride;
   int ex = -1;
@@ -432,7 +437,8 @@ __global__ void __launch_bounds__(kThreads) topf_kernel(const TS* score, int64_t
     return rank_key(cls, s, j);
   };
   block_select(key, N, f, f, -1, false, sorted, index + static_cast<int64_t>(b) * f, nullptr,
-               selkey != nullptr ? selkey + static_cast<int64_t>(b) * (f > 0 ? f : 1) : nullptr, s_sel);
+               selkey != nullptr ? selkey + static_cast<int64_t>(b) * (f > 0 ? f : 1) : nullptr, s_keys, kSortKeys,
+               s_sel);
 }
 
 // ---- host side ---------------------------------------------------------------------------------------
@@ -440,7 +446,7 @@ __global__ void __launch_bounds__(kThreads) topf_kernel(const TS* score, int64_t
 void check_points(const at::Tensor& x, const char* op, bool allow_4d) {
   TORCH_CHECK(x.dim() == 3 || (allow_4d && x.dim() == 4), op, ": x must be (B, N, C)",
               allow_4d ? " or (B, N, J, C)" : "", ", got ", x.sizes());
-  TORCH_CHECK(x.is_cuda(), op, ": x must be a CUDA tensor, got ", x.device());
+  TORCH_CHECK(on_device(x), op, ": x must be a CUDA tensor, got ", x.device());
   TORCH_CHECK(x.size(1) < kMaxTokens, op, ": the cuda backend supports N < ", kMaxTokens, " tokens, got ", x.size(1));
   TORCH_CHECK(x.size(-1) >= 1 || x.size(0) * x.size(1) == 0, op, ": x must have at least one channel, got ",
               x.sizes());
@@ -488,13 +494,12 @@ void launch_density(const at::Tensor& x, const at::Tensor& mask, int64_t k, bool
   with_engine<T>(choose_engine(x.scalar_type(), a.x.J), [&](auto eng) {
     constexpr int E = decltype(eng)::value;
     if (ko <= 2) {
-      density_kernel<T, E, 4><<<blocks, kThreads, 0, stream>>>(a);
+      launch(density_kernel<T, E, 4>, blocks, stream, a);
     } else if (ko <= 14) {
-      density_kernel<T, E, 16><<<blocks, kThreads, 0, stream>>>(a);
+      launch(density_kernel<T, E, 16>, blocks, stream, a);
     } else {
-      density_kernel<T, E, 33><<<blocks, kThreads, 0, stream>>>(a);
+      launch(density_kernel<T, E, 33>, blocks, stream, a);
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
 
@@ -508,8 +513,7 @@ void launch_delta(const at::Tensor& x, const DeltaArgs<T>& proto, cudaStream_t s
   const unsigned blocks = grid_blocks(x.size(0), a.tiles, op);
   with_engine<T>(choose_engine(x.scalar_type(), a.x.J), [&](auto eng) {
     constexpr int E = decltype(eng)::value;
-    delta_kernel<T, E><<<blocks, kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(delta_kernel<T, E>, blocks, stream, a);
   });
 }
 
@@ -528,8 +532,7 @@ void launch_assign(const at::Tensor& x, int64_t f, const int64_t* index, const i
   const unsigned blocks = grid_blocks(x.size(0), a.tiles, op);
   with_engine<T>(choose_engine(x.scalar_type(), a.x.J), [&](auto eng) {
     constexpr int E = decltype(eng)::value;
-    assign_kernel<T, E><<<blocks, kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(assign_kernel<T, E>, blocks, stream, a);
   });
 }
 
@@ -602,7 +605,7 @@ std::tuple<at::Tensor, at::Tensor> dpc_delta_cuda(const at::Tensor& x_in, const 
 at::Tensor topf_select_cuda(const at::Tensor& score, int64_t f, bool sorted, const std::optional<at::Tensor>& exclude) {
   const char* op = "topf_select";
   TORCH_CHECK(score.dim() == 2, "topf_select: score must be (B, N), got ", score.sizes());
-  TORCH_CHECK(score.is_cuda(), "topf_select: score must be a CUDA tensor, got ", score.device());
+  TORCH_CHECK(on_device(score), "topf_select: score must be a CUDA tensor, got ", score.device());
   const int64_t B = score.size(0), N = score.size(1);
   TORCH_CHECK(N < kMaxTokens, "topf_select: the cuda backend supports N < ", kMaxTokens, ", got ", N);
   const bool has_ex = exclude.has_value() && exclude->defined();
@@ -629,11 +632,9 @@ at::Tensor topf_select_cuda(const at::Tensor& score, int64_t f, bool sorted, con
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_type(s.scalar_type(), op, "score", [&](auto tag) {
     using T = decltype(tag);
-    topf_kernel<T><<<static_cast<unsigned>(B), kThreads, 0, stream>>>(
-        reinterpret_cast<const T*>(s.data_ptr()), s.stride(0), static_cast<int>(N), static_cast<int>(f), sorted,
-        has_ex ? ex.data_ptr<int64_t>() : nullptr, index.data_ptr<int64_t>(),
-        sorted ? nullptr : reinterpret_cast<uint64_t*>(selkey.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch(topf_kernel<T>, static_cast<unsigned>(B), stream, reinterpret_cast<const T*>(s.data_ptr()), s.stride(0),
+           static_cast<int>(N), static_cast<int>(f), sorted, has_ex ? ex.data_ptr<int64_t>() : nullptr,
+           index.data_ptr<int64_t>(), sorted ? nullptr : reinterpret_cast<uint64_t*>(selkey.data_ptr<int64_t>()));
   });
   return index;
 }
