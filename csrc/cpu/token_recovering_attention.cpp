@@ -135,15 +135,19 @@ struct Prepared {
 };
 
 // out (+)= a b (+ bias): a (m, k), b (k, n), out (m, n) (any strides ATen's mm takes). Computed in
-// fixed blocks of kGemmRows rows of out, each one BLAS call made inside an active OpenMP region,
-// where BLAS runs single-threaded: the result does not depend on the thread count. (A
-// multi-threaded BLAS call may split its work, and so its sums, by the thread count: MKL does for
-// small shapes, e.g. 11 x 32 x 32.)
-constexpr int64_t kGemmRows = 64;
+// fixed blocks of rows of out, each one BLAS call made inside an active OpenMP region, where BLAS
+// runs single-threaded: the result does not depend on the thread count. (A multi-threaded BLAS
+// call may split its work, and so its sums, by the thread count: MKL does for small shapes, e.g.
+// 11 x 32 x 32.) The blocks depend on m only: at least kGemmMinRows rows (each block packs all
+// of b, which for a weight gradient is a whole chunk of activations) and at most kGemmMaxBlocks.
+constexpr int64_t kGemmMinRows = 256;
+constexpr int64_t kGemmMaxBlocks = 16;
 
 void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
                 bool accumulate = false) {
-  const int64_t m = out.size(0), blocks = (m + kGemmRows - 1) / kGemmRows;
+  const int64_t m = out.size(0);
+  const int64_t rows = std::max(kGemmMinRows, (m + kGemmMaxBlocks - 1) / kGemmMaxBlocks);
+  const int64_t blocks = (m + rows - 1) / rows;
   const int nt = std::max(1, at::get_num_threads());
   std::exception_ptr error;  // an exception must not leave the OpenMP region: rethrown after it
   const at::ThreadLocalState state;  // the caller's grad mode, dispatch keys, ... for the workers
@@ -153,7 +157,7 @@ void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < blocks; ++i) {
       try {
-        const int64_t r0 = i * kGemmRows, r = std::min(kGemmRows, m - r0);
+        const int64_t r0 = i * rows, r = std::min(rows, m - r0);
         auto o = out.narrow(0, r0, r);
         const auto ai = a.narrow(0, r0, r);
         if (accumulate)
