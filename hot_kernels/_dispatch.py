@@ -122,14 +122,18 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype, k: int | None = None) -> str | None:
+def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype, k: int | None = None,
+            build: bool = True) -> str | None:
     """Why ``backend`` cannot run ``op`` on tensors of this device and dtype, with k neighbours
-    where the op has a k (None if it can)."""
+    where the op has a k (None if it can). ``build``: the cpu and cuda backends may compile
+    hot_kernels._C for this torch first, if there is none yet (hot_kernels/_ext.py)."""
     if dtype not in _FLOAT_DTYPES:
         return f"it needs float16, bfloat16, float32 or float64 input, got {dtype}"
     if backend == "reference":
         return None
     if backend == "cpu":
+        if _ext.C is None and build and device.type == "cpu":
+            _ext.ensure()
         if _ext.C is None:
             return f"the cpu backend needs the compiled extension hot_kernels._C, which is not available ({_ext.ERROR})"
         if device.type != "cpu":
@@ -142,6 +146,8 @@ def refusal(backend: str, op: str, device: torch.device, dtype: torch.dtype, k: 
     if k is not None and k > GPU_MAX_K and backend in ("cuda", "triton"):
         return f"the {backend} backend supports k <= {GPU_MAX_K} neighbours, got k = {k} (cpu and reference take any k)"
     if backend == "cuda":
+        if _ext.C is None and build and device.type == "cuda":
+            _ext.ensure()
         if _ext.C is None:
             return f"the cuda backend needs the compiled extension hot_kernels._C, which is not available ({_ext.ERROR})"
         if not _ext.C.with_cuda:
@@ -201,7 +207,9 @@ def resolve(op: str, t: torch.Tensor, backend: str | None = None, k: int | None 
 
 
 def available_backends(device: str | torch.device = "cpu", op: str = "dpc_knn",
-                       dtype: torch.dtype = torch.float32) -> dict[str, str | None]:
-    """{backend: None if it can run ``op`` on this device and dtype, else the reason it cannot}."""
+                       dtype: torch.dtype = torch.float32, build: bool = False) -> dict[str, str | None]:
+    """{backend: None if it can run ``op`` on this device and dtype, else the reason it cannot}.
+    Compiles nothing unless ``build`` (the cpu and cuda backends, when hot_kernels._C for this torch
+    is not built yet, then say they compile it on first use)."""
     device = torch.device(device)
-    return {b: refusal(b, op, device, dtype) for b in BACKENDS}
+    return {b: refusal(b, op, device, dtype, build=build) for b in BACKENDS}

@@ -1,7 +1,8 @@
 """``hot-kernels`` command line (also ``python -m hot_kernels``).
 
-  hot-kernels info     versions, the backends this build has and which run on this machine,
-                       compiler flags and CUDA archs of the extension
+  hot-kernels info     versions, which hot_kernels._C is loaded and for which torch, the backends
+                       and why any is missing, compiler flags and CUDA archs of the extension
+  hot-kernels build    compile hot_kernels._C for the running torch now (else: on first use)
   hot-kernels check    correctness self-check: every op on every backend that runs here,
                        against the reference backend, on fresh random inputs
   hot-kernels bench    microbenchmarks: the published HoT shapes (or a sweep), every backend
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from . import _dispatch, _ext
+from . import _build, _dispatch, _ext
 from .version import __version__
 
 
@@ -52,8 +53,17 @@ def info() -> int:
     if C is None:
         rows.append(("hot_kernels._C", f"not available: {_ext.ERROR}"))
     else:
+        stamp = _build.read_stamp(_ext.PATH) or {}
+        origin = {"installed": "installed with the package", "cache": "built earlier for this torch (cache)",
+                  "built": "built now"}[_ext.ORIGIN]
         rows += [
-            ("hot_kernels._C", C.__file__),
+            ("hot_kernels._C", _ext.PATH),
+            ("  built for", f"torch {stamp.get('torch', '?')}, {stamp.get('python', '?')}, by "
+                            f"{stamp.get('built_by', '?')} ({origin})"),
+        ]
+        if _ext.INSTALLED_PROBLEM and _ext.ORIGIN != "installed":
+            rows.append(("  installed _C", f"not used: {_ext.INSTALLED_PROBLEM}"))
+        rows += [
             ("  built with", "cpu" + (", cuda" if C.with_cuda else "") + (", OpenMP" if C.with_openmp else "")),
             ("  C++ flags", C.cxx_flags or "-"),
             ("  nvcc flags", C.nvcc_flags or "-"),
@@ -61,6 +71,8 @@ def info() -> int:
             ("  cpu ops", ", ".join(sorted(_ext.ops_for_device("cpu"))) or "-"),
             ("  cuda ops", ", ".join(sorted(_ext.ops_for_device("cuda"))) or "-"),
         ]
+    rows.append(("build cache", f"{_ext.cache_root()} (${_ext.CACHE_ENV}); first-use build "
+                                f"{'on' if _ext.jit_enabled() else f'off ({_ext.JIT_ENV}=0)'}"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
@@ -70,6 +82,21 @@ def info() -> int:
         for name, why in _dispatch.available_backends(dev).items():
             state = "runs" if why is None else f"no: {why}"
             print(f"  {dev.type:<5} {name:<10} {state}")
+    return 0
+
+
+def build(force: bool = False) -> int:
+    """Compile hot_kernels._C for the running torch now (what the cpu backend would do on first use)."""
+    if _ext.C is not None and not force:
+        print(f"hot_kernels._C for torch {torch.__version__} is already there ({_ext.ORIGIN}): {_ext.PATH}\n"
+              "nothing to do (--force compiles it again, into the cache)")
+        return 0
+    try:
+        _ext.build(force=force)
+    except Exception as e:  # noqa: BLE001 - the reason, not a traceback
+        print(f"hot-kernels build: failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"built {_ext.PATH} for torch {torch.__version__}")
     return 0
 
 
@@ -307,7 +334,9 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hot-kernels", description="hot_kernels: HoT token pruning and recovering kernels")
     sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, backends, build flags")
+    sub.add_parser("info", help="versions, which hot_kernels._C is loaded (for which torch), backends, build flags")
+    p_build = sub.add_parser("build", help="compile hot_kernels._C for the running torch now (else: on first use)")
+    p_build.add_argument("--force", action="store_true", help="compile even if a _C for this torch exists")
     p_check = sub.add_parser("check", help="check every backend that runs here against the reference")
     p_check.add_argument("--device", action="append", help="cpu or cuda (default: every device present)")
     p_check.add_argument("--seed", type=int, default=0)
@@ -315,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return info()
+    if args.cmd == "build":
+        return build(args.force)
     if args.cmd == "bench":
         from .benchmark import command_line
 

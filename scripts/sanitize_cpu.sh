@@ -41,7 +41,7 @@ for d in hot_kernels csrc tests; do
   cp -r "$ROOT/$d" "$WORK/$d.new"
   find "$WORK/$d.new" \( -name '__pycache__' -o -name '*.so' -o -name '.hypothesis' \) -prune -exec rm -rf {} +
   # Keep an existing build's objects valid: replace the tree only where it changed.
-  if [ -d "$WORK/$d" ] && diff -r -q "$WORK/$d" "$WORK/$d.new" -x '*.so' -x '__pycache__' -x build_info.h \
+  if [ -d "$WORK/$d" ] && diff -r -q "$WORK/$d" "$WORK/$d.new" -x '*.so' -x '__pycache__' -x hot_kernels_build_info.h \
       >/dev/null 2>&1; then
     rm -rf "${WORK:?}/$d.new"
   else
@@ -54,15 +54,22 @@ cp "$ROOT/pyproject.toml" "$WORK/"
 FLAGS="-O1 -g -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 cat > "$WORK/build_asan.py" <<EOF
 # Builds hot_kernels._C in place in this directory with the sanitizers (CPU sources only).
-import glob, os
+import glob, importlib.util, os
+import torch
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
+import torch.utils.cpp_extension as ce
 
 flags = "$FLAGS".split()
 here = os.path.dirname(os.path.abspath(__file__))
-with open(os.path.join(here, "csrc", "build_info.h"), "w") as f:
-    f.write('#pragma once\n#define HOT_KERNELS_CXX_FLAGS "%s -fopenmp"\n' % " ".join(flags))
-    f.write('#define HOT_KERNELS_NVCC_FLAGS ""\n#define HOT_KERNELS_CUDA_ARCHS ""\n')
+# The build-info header (flags, and the stamp naming this torch) as hot_kernels/_build.py writes it.
+spec = importlib.util.spec_from_file_location("hk_build", os.path.join(here, "hot_kernels", "_build.py"))
+B = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(B)
+os.environ["HOT_KERNELS_NO_CUDA"] = "1"
+cfg = dict(B.config(torch, ce, os.path.join(here, "csrc")), cxx_flags=flags + ["-fopenmp"],
+           link_flags=["-fsanitize=address,undefined", "-fopenmp"])
+B.write_header(os.path.join(here, "csrc"), cfg, "scripts/sanitize_cpu.sh")
 sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
 setup(name="hot_kernels_asan", script_args=["build_ext", "--inplace"],
       ext_modules=[CppExtension("hot_kernels._C", sources, include_dirs=[os.path.join(here, "csrc")],

@@ -11,6 +11,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The test suite never compiles hot_kernels._C behind your back (minutes): without a _C for this torch
+# the cpu/cuda tests see the backend as unavailable. tests/test_install.py turns it on where it means to.
+os.environ.setdefault("HOT_KERNELS_JIT", "0")
+
 # Outputs of the Triton wrappers start as NaN / -2^62 (hot_kernels/triton/_alloc.py): an element a
 # kernel leaves unwritten shows in the comparisons instead of passing by luck.
 os.environ.setdefault("HOT_KERNELS_POISON", "1")
@@ -23,6 +27,19 @@ import hot_kernels.triton  # noqa: E402,F401
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "large: tensors past 2^31 elements (CPU: < 1 GiB resident, ~15 s); deselect with -m 'not large'")
+
+
+def pytest_collection_modifyitems(config, items):
+    # The `install` tests (a fresh venv and a real compile of hot_kernels._C: minutes) run only when
+    # asked for by name: python -m pytest -m install tests/test_install.py
+    import pytest
+
+    if "install" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="a real install + compile (minutes): run with -m install")
+    for item in items:
+        if "install" in item.keywords:
+            item.add_marker(skip)
 
 
 # Hypothesis profiles (tests/test_fuzz.py; explicit @settings in other files take precedence):
