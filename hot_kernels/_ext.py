@@ -124,8 +124,9 @@ def compiler_problem() -> str | None:
     """Why _C cannot be compiled here (no C++ compiler, no ninja), or None."""
     cxx = os.environ.get("CXX", "c++")  # what torch.utils.cpp_extension runs
     if shutil.which(cxx) is None:
-        return (f"no C++ compiler: {cxx!r} is not on PATH. Install one (g++ or clang++; CXX picks it) to get the "
-                "'cpu' and 'cuda' backends; the 'reference' and 'triton' backends need none")
+        return (f"no C++ compiler: {cxx!r} is not on PATH. To get the 'cpu' and 'cuda' backends install one (g++ "
+                "or clang++; CXX picks it), then run `hot-kernels build`; the 'reference' and 'triton' backends "
+                "need none")
     if _ninja_dir() is None:
         return "ninja is not installed (pip install ninja)"
     return None
@@ -216,7 +217,6 @@ def build(force: bool = False):
     return module
 
 
-@torch.compiler.disable
 def ensure() -> None:
     """First use by the cpu or cuda backend: compile _C for this torch if there is none (tried once per
     process; HOT_KERNELS_JIT=0 turns it off). A failure is kept in ERROR and warned about."""

@@ -59,6 +59,9 @@ x = torch.randn(3, 40, 16, generator=torch.Generator().manual_seed(1))
 f, k = 12, 3
 index = hk.dpc_knn(x, f, k=k)
 torch.save(dict(x=x, index=index, f=f, k=k), sys.argv[1])
+if len(sys.argv) > 2 and sys.argv[2] == "info":  # then `hot-kernels info`, as its entry point runs it
+    from hot_kernels.cli import main
+    main(["info"])
 print(json.dumps(dict(backend=_dispatch.resolve("dpc_knn", x), origin=_ext.ORIGIN, path=_ext.PATH,
                       installed_problem=_ext.INSTALLED_PROBLEM, package=hk.__file__, torch=torch.__version__)))
 """
@@ -262,12 +265,13 @@ def fresh_venv(tmp_path):
     if LOCAL is None:
         pytest.skip(TORCH_WHEEL)
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    # No pip inside (ensurepip costs seconds): this pip installs into it (pip --python).
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     py = str(venv / "bin" / "python")
+    pip = [sys.executable, "-m", "pip", "--python", py, "install", "--no-compile"]
     log1, log2 = tmp_path / "pip-torch.log", tmp_path / "pip-install.log"
-    proc = subprocess.run([py, "-m", "pip", "install", "--no-compile", "--log", str(log1), *LOCAL,
-                           f"torch=={torch.__version__}"], env=_pip_env(), capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run([*pip, "--log", str(log1), *LOCAL, f"torch=={torch.__version__}"], env=_pip_env(),
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"Processing {TORCH_WHEEL}" in log1.read_text() or os.path.basename(TORCH_WHEEL) in log1.read_text()
     # The checkout, as a user types it: no flags (build isolation on). Copied first, so that the
@@ -276,73 +280,73 @@ def fresh_venv(tmp_path):
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
         ".git", "build", "dist", "*.egg-info", "__pycache__", "*.so", ".hypothesis", ".pytest_cache", "bench-out*",
         ".venv*", "_csrc", "gpu-check-out"))
-    proc = subprocess.run([py, "-m", "pip", "install", "--no-compile", "--log", str(log2), *LOCAL, str(src)],
-                          env=_pip_env(), capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*pip, "--log", str(log2), *LOCAL, str(src)], env=_pip_env(), capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return py, str(venv / "bin"), log2.read_text()
 
 
-def _check_isolated_install(py, log):
+def _check_isolated_install(py, log, cache):
+    """Checks the pip log and what got installed; returns the venv's build folder for its torch."""
     # Nothing of torch fetched for the build or for the install; the venv's torch is the local wheel's.
     assert not re.search(r"(Collecting|Downloading|Processing)\s+(\S*/)?torch([-=<>~!\s]|$)", log, re.I | re.M), \
         [line for line in log.splitlines() if "torch" in line.lower()][:20]
     assert re.search(r"Requirement already satisfied: torch", log)
     assert "Installing build dependencies" in log and "torch is not importable in this build environment" in log
     info = subprocess.run([py, "-c", "import torch, hot_kernels, hot_kernels._build as b, os, importlib.util; "
+                                     "from hot_kernels import _ext; "
                                      "print(torch.__version__); print(os.path.dirname(hot_kernels.__file__)); "
-                                     "print(importlib.util.find_spec('hot_kernels._C')); print(b.source_dir())"],
-                          cwd="/", env=_env(HOT_KERNELS_JIT="0"), capture_output=True, text=True, timeout=300)
+                                     "print(importlib.util.find_spec('hot_kernels._C')); print(b.source_dir()); "
+                                     "print(_ext.build_dir())"],
+                          cwd="/", env=_env(HOT_KERNELS_JIT="0", HOT_KERNELS_CACHE=str(cache)), capture_output=True,
+                          text=True, timeout=300)
     assert info.returncode == 0, info.stderr[-3000:]
-    version, pkg, spec, src = info.stdout.split("\n")[:4]
+    version, pkg, spec, src, key_dir = info.stdout.split("\n")[:5]
     assert version == torch.__version__ and "site-packages" in pkg
     assert spec == "None"  # pure-Python: no _C compiled against a downloaded torch
     assert src == os.path.join(pkg, "_csrc") and os.path.isfile(os.path.join(src, "hot_kernels.cpp"))
+    assert key_dir.startswith(str(cache / f"torch{torch.__version__}-"))
+    return key_dir
 
 
-def _run_cpu(py, tmp_path, name, **env):
+def _run_cpu(py, tmp_path, name, info=False, **env):
     saved = tmp_path / f"{name}.pt"
-    proc = subprocess.run([py, "-c", CHILD_RUN, str(saved)], cwd=str(tmp_path), env=_env(**env),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([py, "-c", CHILD_RUN, str(saved)] + (["info"] if info else []), cwd=str(tmp_path),
+                          env=_env(**env), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     _check_dpc(saved)
-    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout, proc.stderr
 
 
 @pytest.mark.skipif(not HAVE_C, reason=f"no hot_kernels._C for this torch in this session: {_ext.ERROR}")
 def test_fresh_venv_isolated_install_downloads_no_torch_and_runs_the_cpu_backend(fresh_venv, tmp_path):
     py, bindir, log = fresh_venv
-    _check_isolated_install(py, log)
     cache = tmp_path / "cache"
-    where = subprocess.run([py, "-c", "from hot_kernels import _ext; print(_ext.build_dir())"], cwd="/",
-                           env=_env(HOT_KERNELS_CACHE=str(cache)), capture_output=True, text=True, timeout=300)
-    assert where.returncode == 0, where.stderr[-3000:]
-    key_dir = where.stdout.strip()
-    assert key_dir.startswith(str(cache / f"torch{torch.__version__}-"))
+    key_dir = _check_isolated_install(py, log, cache)
     # What a first-use build would leave there (compiling costs minutes: the marked test does it).
     os.makedirs(key_dir)
     shutil.copyfile(_ext.PATH, os.path.join(key_dir, "_C.so"))
-    run, _ = _run_cpu(py, tmp_path, "venv", HOT_KERNELS_CACHE=str(cache), HOT_KERNELS_JIT="0")
+    run, out, _ = _run_cpu(py, tmp_path, "venv", info=True, HOT_KERNELS_CACHE=str(cache), HOT_KERNELS_JIT="0")
     assert run["backend"] == "cpu" and run["origin"] == "cache" and run["torch"] == torch.__version__, run
-    info = subprocess.run([os.path.join(bindir, "hot-kernels"), "info"], cwd="/", capture_output=True, text=True,
-                          env=_env(HOT_KERNELS_CACHE=str(cache)), timeout=300)
-    assert info.returncode == 0, info.stderr[-3000:]
-    assert os.path.join(key_dir, "_C.so") in info.stdout and f"torch {torch.__version__}" in info.stdout
-    assert "this install has no compiled hot_kernels._C" in info.stdout  # why the installed one is not used
+    # hot-kernels info: which _C (path), for which torch, and why the installed one is not used.
+    assert os.path.join(key_dir, "_C.so") in out and f"torch {torch.__version__}" in out
+    assert "this install has no compiled hot_kernels._C" in out
+    assert os.access(os.path.join(bindir, "hot-kernels"), os.X_OK)  # the entry point
 
 
 @pytest.mark.install
 def test_fresh_venv_isolated_install_compiles_c_on_first_use(fresh_venv, tmp_path):
     py, bindir, log = fresh_venv
-    _check_isolated_install(py, log)
     cache = tmp_path / "cache"
+    key_dir = _check_isolated_install(py, log, cache)
     info = subprocess.run([os.path.join(bindir, "hot-kernels"), "info"], cwd="/", capture_output=True, text=True,
                           env=_env(HOT_KERNELS_CACHE=str(cache)), timeout=300)
     assert "compile it for this torch on first use" in info.stdout, info.stdout
-    run, stderr = _run_cpu(py, tmp_path, "first", HOT_KERNELS_CACHE=str(cache), MAX_JOBS="2")
-    assert run["backend"] == "cpu" and run["origin"] == "built", run
+    run, _, stderr = _run_cpu(py, tmp_path, "first", HOT_KERNELS_CACHE=str(cache), MAX_JOBS="2")
+    assert run["backend"] == "cpu" and run["origin"] == "built" and run["path"] == os.path.join(key_dir, "_C.so")
     assert f"hot_kernels: compiling hot_kernels._C for torch {torch.__version__}" in stderr
     assert re.search(r"hot_kernels: \.\.\. \d+/\d+ sources compiled", stderr) and "compiled in" in stderr
     assert _build.read_stamp(run["path"])["built_by"] == "jit"
-    run2, stderr2 = _run_cpu(py, tmp_path, "second", HOT_KERNELS_CACHE=str(cache), HOT_KERNELS_JIT="0")
+    run2, _, stderr2 = _run_cpu(py, tmp_path, "second", HOT_KERNELS_CACHE=str(cache), HOT_KERNELS_JIT="0")
     assert run2["origin"] == "cache" and run2["path"] == run["path"] and "compiling" not in stderr2
     print(stderr, file=sys.stderr)
