@@ -37,6 +37,7 @@ ORIGIN: str | None = None  # "installed", "cache" (built earlier for this torch)
 ERROR: str | None = None  # why C is None
 INSTALLED_PROBLEM: str | None = None  # why the installed _C was not used (None: it was, or it is not needed)
 _attempted = False  # a first-use build was tried in this process
+_lock = threading.Lock()  # a second thread's first use waits for the build rather than falling back
 
 
 def jit_enabled() -> bool:
@@ -223,12 +224,16 @@ def ensure() -> None:
     global _attempted, ERROR
     if C is not None or _attempted or not jit_enabled():
         return
-    _attempted = True
-    try:
-        build()
-    except Exception as e:  # noqa: BLE001 - any failure: say why, and the backend stays unavailable
-        ERROR = f"{INSTALLED_PROBLEM}; compiling it for this torch failed ({type(e).__name__}: {e})"
-        warnings.warn(f"hot_kernels: the 'cpu' and 'cuda' backends are unavailable: {ERROR}", stacklevel=3)
+    with _lock:
+        if C is not None or _attempted:
+            return
+        try:
+            build()
+        except Exception as e:  # noqa: BLE001 - any failure: say why, and the backend stays unavailable
+            ERROR = f"{INSTALLED_PROBLEM}; compiling it for this torch failed ({type(e).__name__}: {e})"
+            warnings.warn(f"hot_kernels: the 'cpu' and 'cuda' backends are unavailable: {ERROR}", stacklevel=3)
+        finally:
+            _attempted = True
 
 
 # Read once at load, not per call: torch.compile cannot trace into the pybind call, so a first
