@@ -1,6 +1,6 @@
 """Installing hot_kernels never downloads torch, and hot_kernels._C always matches the torch that runs.
 
-Default run (~40 s on 2 cores, no C++ compile):
+Default run (~50 s on a busy 2-core machine, ~33 s of CPU; no C++ compile):
 * setup.py and the first-use build take sources and flags from one place (hot_kernels/_build.py);
 * a _C stamped for another torch is recognised before it is loaded and rebuilt for this torch on
   first use (the compiler stubbed: it hands back this session's _C), with the cache key, flags,
