@@ -111,12 +111,18 @@ std::vector<at::Tensor> token_recovering_attention(
     const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
     const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
     const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
-    int64_t num_heads, double scale, bool residual) {
+    int64_t num_heads, double scale, bool residual, bool keep) {
   if (x.is_cpu())
-    return token_recovering_attention_cpu(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+    return token_recovering_attention_cpu(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual,
+                                          keep);
 #ifdef HOT_KERNELS_WITH_CUDA
-  if (x.is_cuda())
-    return token_recovering_attention_cuda(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+  if (x.is_cuda()) {
+    // The CUDA backward recomputes what it needs from lse: nothing more is kept.
+    auto out = token_recovering_attention_cuda(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+    out.push_back(at::empty({0}, x.options()));
+    out.push_back(at::empty({0}, x.options()));
+    return out;
+  }
 #endif
   fail_device("token_recovering_attention", x);
 }
@@ -125,10 +131,10 @@ std::vector<at::Tensor> token_recovering_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
-    bool residual) {
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, const at::Tensor& kv, const at::Tensor& o,
+    int64_t num_heads, double scale, bool residual) {
   if (x.is_cpu())
-    return token_recovering_attention_backward_cpu(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse,
+    return token_recovering_attention_backward_cpu(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o,
                                                    num_heads, scale, residual);
 #ifdef HOT_KERNELS_WITH_CUDA
   if (x.is_cuda())

@@ -59,20 +59,24 @@ std::tuple<at::Tensor, at::Tensor> gather_frames_backward_cpu(const at::Tensor& 
                                                              int64_t num_frames, int64_t pos_batch);
 
 // Token recovering attention. query (1 or S, L, C), x (S, M, C), weights (C, C), biases (C) or none.
-// Returns {out (S, L, C), lse (S, H, L) float32/float64}: what the backward needs besides the inputs.
+// Returns {out (S, L, C), lse (S, H, L) float32/float64, kv, o}: what the backward needs besides the
+// inputs. With keep, kv (S*M, 2C) = [K | V] and o (S*L, C) (the attention output before the output
+// projection, heads interleaved) in the compute dtype are kept so the backward need not recompute
+// them; without, both are empty tensors.
 std::vector<at::Tensor> token_recovering_attention_cpu(
     const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual);
+    const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual, bool keep);
 // Returns {d_query (shape of query: summed over S when shared), d_x, d_wq, d_bq, d_wk, d_bk, d_wv,
-// d_bv, d_wo, d_bo}; a bias gradient is an empty tensor when that bias is none.
+// d_bv, d_wo, d_bo}; a bias gradient is an empty tensor when that bias is none. kv and o: the
+// forward's kept tensors, or empty tensors (then recomputed).
 std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
-    bool residual);
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, const at::Tensor& kv, const at::Tensor& o,
+    int64_t num_heads, double scale, bool residual);
 
 // Instruction-set path of the CPU row kernels (csrc/cpu/cpu_isa.cpp): "avx512", "avx2" or
 // "generic". cpu_isas_supported(): the paths this CPU runs, best first; set_cpu_isa returns the

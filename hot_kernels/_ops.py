@@ -185,35 +185,60 @@ gather_frames.register_autograd(_gather_backward, setup_context=_gather_setup)
 @torch.library.custom_op(f"{LIB}::token_recovering_attention", mutates_args=())
 def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor,
                                bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor], wo: Tensor,
-                               bo: Optional[Tensor], num_heads: int, scale: float, residual: bool,
-                               backend: str) -> tuple[Tensor, Tensor]:
-    """-> (out (S, L, C), lse (S, heads, L)): lse is the softmax statistic the backward needs."""
+                               bo: Optional[Tensor], num_heads: int, scale: float, residual: bool, keep: bool,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """-> (out (S, L, C), lse (S, heads, L), kv, o): lse is the softmax statistic the backward needs.
+
+    keep (the caller will differentiate): the cpu backend also returns K|V (S*M, 2C) and the
+    attention output o (S*L, C) in the compute dtype, which its backward would otherwise recompute;
+    the other backends (and keep=False) return empty tensors there."""
     with _no_autocast(x):
-        out, lse = _kernels(backend).token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo,
-                                                                num_heads, scale, residual)
-    return out, lse
+        if backend == "cpu":
+            out, lse, kv, o = _kernels(backend).token_recovering_attention(
+                query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep)
+        else:
+            out, lse = _kernels(backend).token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo,
+                                                                    num_heads, scale, residual)[:2]
+            kv, o = x.new_empty((0,)), x.new_empty((0,))
+    return out, lse, kv, o
+
+
+def _tra_kept_shapes(x: Tensor, L: int, keep: bool, backend: str):
+    """Shapes of the forward's kept K|V and o (see token_recovering_attention)."""
+    S, M, C = x.shape
+    if keep and backend == "cpu":
+        return (S * M, 2 * C), (S * L, C)
+    return (0,), (0,)
 
 
 @token_recovering_attention.register_fake
-def _(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, backend):
+def _(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep, backend):
     S, _, C = x.shape
     L = query.shape[1]
-    return x.new_empty((S, L, C)), x.new_empty((S, num_heads, L), dtype=compute_dtype(x.dtype))
+    kv_shape, o_shape = _tra_kept_shapes(x, L, keep, backend)
+    kept_dtype = compute_dtype(x.dtype) if backend == "cpu" else x.dtype
+    return (x.new_empty((S, L, C)), x.new_empty((S, num_heads, L), dtype=compute_dtype(x.dtype)),
+            x.new_empty(kv_shape, dtype=kept_dtype), x.new_empty(o_shape, dtype=kept_dtype))
 
 
 @torch.library.custom_op(f"{LIB}::token_recovering_attention_backward", mutates_args=())
 def token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor],
                                         wk: Tensor, bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor],
-                                        wo: Tensor, bo: Optional[Tensor], lse: Tensor, num_heads: int,
-                                        scale: float, residual: bool, backend: str) -> list[Tensor]:
-    """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; a missing bias's is empty."""
+                                        wo: Tensor, bo: Optional[Tensor], lse: Tensor, kv: Tensor, o: Tensor,
+                                        num_heads: int, scale: float, residual: bool,
+                                        backend: str) -> list[Tensor]:
+    """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; a missing bias's is empty.
+    kv, o: what the forward kept (empty: recomputed; only the cpu backend keeps them)."""
     with _no_autocast(grad_out):
+        if backend == "cpu":
+            return list(_kernels(backend).token_recovering_attention_backward(
+                grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o, num_heads, scale, residual))
         return list(_kernels(backend).token_recovering_attention_backward(
             grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual))
 
 
 @token_recovering_attention_backward.register_fake
-def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual, backend):
+def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o, num_heads, scale, residual, backend):
     def bias_grad(b):
         return x.new_empty((0,)) if b is None else torch.empty_like(b)
 
@@ -223,19 +248,19 @@ def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale,
 
 
 def _tra_setup(ctx, inputs, output):
-    *tensors, num_heads, scale, residual, backend = inputs
+    *tensors, num_heads, scale, residual, _keep, backend = inputs
     ctx.num_heads, ctx.scale, ctx.residual, ctx.backend = num_heads, scale, residual, backend
-    ctx.save_for_backward(*tensors, output[1])  # absent biases are saved (and come back) as None
-    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(*tensors, *output[1:])  # absent biases are saved (and come back) as None
+    ctx.mark_non_differentiable(*output[1:])
 
 
-def _tra_backward(ctx, grad_out, _grad_lse):
-    *tensors, lse = ctx.saved_tensors
-    grads = token_recovering_attention_backward(grad_out.contiguous(), *tensors, lse, ctx.num_heads, ctx.scale,
-                                                ctx.residual, ctx.backend)
+def _tra_backward(ctx, grad_out, _grad_lse, _grad_kv, _grad_o):
+    *tensors, lse, kv, o = ctx.saved_tensors
+    grads = token_recovering_attention_backward(grad_out.contiguous(), *tensors, lse, kv, o, ctx.num_heads,
+                                                ctx.scale, ctx.residual, ctx.backend)
     # An absent bias gets an empty gradient from the kernel: autograd wants None for it.
     grads = [None if t is None else g for g, t in zip(grads, tensors)]
-    return (*grads, None, None, None, None)
+    return (*grads, None, None, None, None, None)
 
 
 token_recovering_attention.register_autograd(_tra_backward, setup_context=_tra_setup)

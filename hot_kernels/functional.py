@@ -237,7 +237,11 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
         # computed by the plain PyTorch path rather than launching kernels over nothing.
         out = reference.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual)
     else:
-        out, _lse = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
-                                                    residual, name)
+        # keep: the backward will run, so the cpu backend keeps K|V and o for it (as autograd would
+        # for nn.Linear + SDPA) instead of recomputing them.
+        keep = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (query, x, wq, bq, wk, bk, wv, bv, wo, bo))
+        out = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
+                                              residual, keep, name)[0]
     V.outputs(op, values=[("out", out)])
     return out

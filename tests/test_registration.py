@@ -82,9 +82,35 @@ def test_opcheck_pairwise_distance_with_grad():
 
 
 @pytest.mark.parametrize("shared,bias,residual", [(True, False, True), (False, True, False)])
-def test_opcheck_tra(shared, bias, residual):
+@pytest.mark.parametrize("keep", [True, False])
+def test_opcheck_tra(shared, bias, residual, keep):
     args = _tra_inputs(shared=shared, bias=bias)
-    _opcheck(ops.token_recovering_attention.default, (*args, 2, 0.5, residual, "cpu"))
+    _opcheck(ops.token_recovering_attention.default, (*args, 2, 0.5, residual, keep, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_tra_backward_from_kept_tensors_equals_recomputation_bitwise(shared, dtype):
+    # keep=True: the forward returns K|V and o and the backward reads them; keep=False: the
+    # backward recomputes them. Both must give bitwise the same gradients.
+    args = [a.detach().to(dtype) if a is not None else None for a in _tra_inputs(shared=shared, bias=True)]
+    kept = ops.token_recovering_attention(*args, 2, 0.5, True, True, "cpu")
+    plain = ops.token_recovering_attention(*args, 2, 0.5, True, False, "cpu")
+    S, M, C = args[1].shape
+    L = args[0].shape[1]
+    assert kept[2].shape == (S * M, 2 * C) and kept[3].shape == (S * L, C) and kept[2].dtype == torch.float32
+    assert plain[2].numel() == 0 and plain[3].numel() == 0
+    for a, b in zip(kept[:2], plain[:2]):
+        assert torch.equal(a, b)
+    g = torch.randn_like(kept[0])
+    from_kept = ops.token_recovering_attention_backward(g, *args, kept[1], kept[2], kept[3], 2, 0.5, True, "cpu")
+    recomputed = ops.token_recovering_attention_backward(g, *args, plain[1], plain[2], plain[3], 2, 0.5, True, "cpu")
+    for a, b in zip(from_kept, recomputed):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="kv and o must both be kept"):
+        ops.token_recovering_attention_backward(g, *args, kept[1], kept[2], plain[3], 2, 0.5, True, "cpu")
+    with pytest.raises(RuntimeError, match="kv must be the forward's"):
+        ops.token_recovering_attention_backward(g, *args, kept[1], kept[2][1:], kept[3], 2, 0.5, True, "cpu")
 
 
 def test_tra_gradcheck_float64():
