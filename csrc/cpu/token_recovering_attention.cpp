@@ -23,6 +23,7 @@
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
 //    lse is float32 (float64 for float64 inputs).
 #include "../hot_kernels.h"
+#include "gemm_fixed.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -136,54 +137,6 @@ struct Prepared {
   at::Tensor q_in_shared;    // (L, C) query[0] in compute dtype (shared only)
   at::Tensor qs_shared;      // (L, C) query[0] Wq^T + bq (shared only)
 };
-
-// out (+)= a b (+ bias): a (m, k), b (k, n), out (m, n) (any strides ATen's mm takes). Computed in
-// fixed blocks of rows of out, each one BLAS call made inside an active OpenMP region, where BLAS
-// runs single-threaded: the result does not depend on the thread count. (A multi-threaded BLAS
-// call may split its work, and so its sums, by the thread count: MKL does for small shapes, e.g.
-// 11 x 32 x 32.) The blocks depend on m only: at least kGemmMinRows rows (each block packs all
-// of b, which for a weight gradient is a whole chunk of activations) and at most kGemmMaxBlocks.
-constexpr int64_t kGemmMinRows = 256;
-constexpr int64_t kGemmMaxBlocks = 16;
-
-void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
-                bool accumulate = false) {
-  const int64_t m = out.size(0);
-  const int64_t rows = std::max(kGemmMinRows, (m + kGemmMaxBlocks - 1) / kGemmMaxBlocks);
-  const int64_t blocks = (m + rows - 1) / rows;
-  const int nt = std::max(1, at::get_num_threads());
-  std::exception_ptr error;  // an exception must not leave the OpenMP region: rethrown after it
-  const at::ThreadLocalState state;  // the caller's grad mode, dispatch keys, ... for the workers
-#pragma omp parallel num_threads(nt)
-  {
-    at::ThreadLocalStateGuard guard(state);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < blocks; ++i) {
-      try {
-        const int64_t r0 = i * rows, r = std::min(rows, m - r0);
-        auto o = out.narrow(0, r0, r);
-        const auto ai = a.narrow(0, r0, r);
-        if (accumulate)
-          o.addmm_(ai, b);
-        else if (bias.defined())
-          at::addmm_out(o, bias, ai, b);
-        else
-          at::mm_out(o, ai, b);
-      } catch (...) {
-#pragma omp critical(hk_gemm_fixed_error)
-        if (!error) error = std::current_exception();
-      }
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
-
-// a b (+ bias) into a new (m, n) tensor.
-at::Tensor mm_fixed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
-  auto out = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm_fixed(out, a, b, bias);
-  return out;
-}
 
 at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) { return mm_fixed(in, w.t(), b); }
 
@@ -323,7 +276,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     const std::optional<at::Tensor>& bo, const at::Tensor& lse, const at::Tensor& kv, const at::Tensor& o_kept,
     int64_t num_heads, double scale, bool residual) {
   const Dims D = check_inputs(kBwd, query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads);
-  const int64_t S = D.S, L = D.L, M = D.M, C = D.C, H = D.H, d = D.d;
+  const int64_t S = D.S, L = D.L, M = D.M, C = D.C, H = D.H;
   check_tensor(kBwd, "grad_out", grad_out, D.dtype);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == S && grad_out.size(1) == L && grad_out.size(2) == C, kBwd,
               ": grad_out must be (S, L, C) = (", S, ", ", L, ", ", C, "), got ", grad_out.sizes());
