@@ -63,3 +63,130 @@ def test_runtime_loop_bounds_run():
     out = torch.full((1,), float("nan"), device=DEV)
     chunk_sum[(1,)](x, out, 11, BLOCK=4)
     torch.testing.assert_close(out[0], x.sum())
+
+
+# ---- launch grids within CUDA's limits for any batch (issue 15 item 1) -------------------------------
+
+CUDA_GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)
+
+
+class _Recorder:
+    """Stands in for a @triton.jit kernel: records the grid of each launch, runs nothing."""
+
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, tuple(grid)))
+        return launch
+
+
+def _record_launches(monkeypatch):
+    from hot_kernels.triton import tpc_kernels, tra_kernels
+
+    log = []
+    for mod in (tpc_kernels, tra_kernels):
+        for name in dir(mod):
+            if name.endswith("_kernel"):
+                monkeypatch.setattr(mod, name, _Recorder(name, log))
+    return log
+
+
+def test_grids_within_cuda_limits_at_large_batch(monkeypatch):
+    """Every launch of every Triton wrapper at B = 70000 (past the 65535 of grid axes 1 and 2):
+    one-axis grids, within axis 0's limit, and every sample covered."""
+    from hot_kernels.triton import tpc, tra
+
+    log = _record_launches(monkeypatch)
+    B, N, C = 70000, 5, 4
+    x = torch.randn(B, N, C)
+    mask = torch.ones(B, N, dtype=torch.bool)
+    tpc.pairwise_distance(x, None)
+    tpc.pairwise_distance(x, x[:, :3])
+    d = torch.rand(B, N, N)
+    tpc.pairwise_distance_backward(d, x, None, d)
+    tpc.pairwise_distance_backward(d[:, :, :3], x, x[:, :3], d[:, :, :3])
+    tpc.knn_density(x, 2, mask, True)
+    tpc.dpc_delta(x, torch.randn(B, N), None)
+    tpc.topf_select(torch.randn(B, N), 2, True, None)
+    tpc.dpc_knn(x, 2, 2, None, None, True, True, True)
+    tpc.dpc_knn(x, 2, 2, None, None, True, False, True)
+    clip = torch.randn(B, N, 2, C)
+    idx = torch.zeros(B, 2, dtype=torch.long)
+    tpc.gather_frames(clip, idx, torch.randn(1, 2, C))
+    tpc.gather_frames_backward(torch.randn(B, 2, 2, C), idx, N, 1)
+    S = B
+    w = [torch.randn(C, C) for _ in range(4)]
+    tra.token_recovering_attention(torch.randn(1, 3, C), torch.randn(S, 2, C), w[0], None, w[1], None, w[2], None,
+                                   w[3], None, 2, 0.5, True)
+    names = {n for n, _ in log}
+    assert {"_pdist_kernel", "_pdist_bwd_kernel", "_density_kernel", "_delta_kernel", "_select_kernel",
+            "_gather_kernel", "_gather_bwd_kernel", "_tra_fwd_kernel"} <= names
+    for name, grid in log:
+        assert len(grid) <= 3 and all(1 <= g <= lim for g, lim in zip(grid, CUDA_GRID_LIMITS)), (name, grid)
+        # the batch lives on axis 0: at least one program per sample there
+        assert grid[0] >= B, (name, grid)
+
+
+def test_grid_past_axis0_limit_raises():
+    from hot_kernels.triton import tpc
+
+    with pytest.raises(ValueError, match="launch grid"):
+        tpc._grid(2 ** 31)
+
+
+def test_folded_grids_small_case():
+    """Several row/column tiles per sample and several samples (the folded program ids decoded
+    back into (sample, tile)) against the reference backend."""
+    from hot_kernels.triton import tpc
+
+    g = torch.Generator().manual_seed(15)
+    B, N, C = 3, 37, 5
+    x = torch.randn(B, N, C, generator=g)
+    y = torch.randn(B, 21, C, generator=g)
+    old = (tpc.SWEEP_BM, tpc.SWEEP_BN, tpc.PDIST_BLOCK)
+    try:
+        tpc.SWEEP_BM = tpc.SWEEP_BN = tpc.PDIST_BLOCK = 16  # 3 tiles per sample along N
+        for args in ((x,), (x, y)):
+            torch.testing.assert_close(hk.pairwise_distance(*args, backend="triton"),
+                                       hk.pairwise_distance(*args, backend="reference"), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(hk.knn_density(x, 3, backend="triton"), hk.knn_density(x, 3, backend="reference"),
+                                   rtol=1e-4, atol=1e-5)
+        lr = hk.knn_density(x, 2, log=True, backend="reference")
+        d_t, p_t = hk.dpc_delta(x, lr, backend="triton")
+        d_r, p_r = hk.dpc_delta(x, lr, backend="reference")
+        torch.testing.assert_close(d_t, d_r, rtol=1e-4, atol=1e-5)
+        assert torch.equal(p_t, p_r)
+        clip = torch.randn(B, 9, 3, C, generator=g, requires_grad=True)
+        index = torch.stack([torch.randperm(9, generator=g)[:4] for _ in range(B)])
+        pos = torch.randn(1, 4, C, generator=g, requires_grad=True)
+        gout = torch.randn(B, 4, 3, C, generator=g)
+        outs = []
+        for gather in (lambda: torch.ops.hot_kernels.gather_frames(clip, index, pos, "triton"),
+                       lambda: clip[torch.arange(B)[:, None], index] + pos[:, :, None, :]):
+            o = gather()
+            outs.append((o, *torch.autograd.grad(o, (clip, pos), gout)))
+        for a, b in zip(*outs):
+            torch.testing.assert_close(a, b)
+    finally:
+        tpc.SWEEP_BM, tpc.SWEEP_BN, tpc.PDIST_BLOCK = old
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_large_batch_runs_on_gpu():
+    """B = 70000 launches and matches the reference on a GPU (the limit the folding removes)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, N, C = 70000, 6, 4
+    x = torch.randn(B, N, C, device="cuda", generator=g)
+    torch.testing.assert_close(hk.pairwise_distance(x, backend="triton"), hk.pairwise_distance(x, backend="reference"),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hk.knn_density(x, 2, backend="triton"), hk.knn_density(x, 2, backend="reference"),
+                               rtol=1e-4, atol=1e-5)
+    idx_t, asg_t = hk.dpc_knn(x, 3, 2, return_assignment=True, backend="triton")
+    assert idx_t.shape == (B, 3) and asg_t.shape == (B, N)
+    assert ((idx_t >= 0) & (idx_t < N)).all() and ((asg_t >= 0) & (asg_t < 3)).all()
+    clip = torch.randn(B, N, 2, C, device="cuda", generator=g)
+    out, kept = hk.token_pruning_cluster(clip, 3, backend="triton")
+    torch.testing.assert_close(out, clip[torch.arange(B, device="cuda")[:, None], kept])

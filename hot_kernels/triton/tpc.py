@@ -70,6 +70,19 @@ def _block(n: int, cap: int, lo: int = 16) -> int:
     return max(lo, min(cap, _np2(n)))
 
 
+# CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2^31 - 1), and Triton does not check: every
+# launch here has a one-axis grid with the batch folded in, the kernels split the program id.
+MAX_GRID_X = 2 ** 31 - 1
+
+
+def _grid(programs: int) -> tuple[int]:
+    """A one-axis launch grid of ``programs`` programs (raises past CUDA's axis-0 limit)."""
+    if programs > MAX_GRID_X:
+        raise ValueError(f"hot_kernels (triton): {programs} programs exceed the launch grid's limit "
+                         f"({MAX_GRID_X}); split the batch")
+    return (int(programs),)
+
+
 def _check_dtype(op: str, t: torch.Tensor, name: str = "x") -> None:
     if t.dtype not in _DTYPES:
         raise TypeError(f"hot_kernels.{op} (triton): {name} must be float16, bfloat16 or float32, got {t.dtype} "
@@ -138,7 +151,7 @@ def _density(p: _Points, mask, k: int, out, rowmax, want_dens: bool, want_max: b
     kp = _np2(max(ko, 1))
     bm = _sweep_bm(p)
     bn = _block(p.N, SWEEP_BN)
-    grid = (triton.cdiv(p.N, bm), p.B)
+    grid = _grid(p.B * triton.cdiv(p.N, bm))
     K._density_kernel[grid](
         p.x, m, out if out is not None else rowmax, rowmax if rowmax is not None else out,
         *p.args(), m_b, m_n, p.sqrt_c,
@@ -152,7 +165,7 @@ def _delta(p: _Points, key, mask, rowmax, out, parent, score: bool) -> None:
     m, m_b, m_n, has_mask = _mask_args(mask, p.x)
     bm = _sweep_bm(p)
     bn = _block(p.N, SWEEP_BN)
-    grid = (triton.cdiv(p.N, bm), p.B)
+    grid = _grid(p.B * triton.cdiv(p.N, bm))
     K._delta_kernel[grid](
         p.x, key, m, rowmax, out, parent if parent is not None else out,
         *p.args(), m_b, m_n, key.stride(0), key.stride(1), p.sqrt_c,
@@ -178,7 +191,7 @@ def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, 
     else:
         bm, bn, r = 16, 16, 1
         x, pargs, pool, native, bc, C, J = score, (0, 0, 0, 0), False, False, 16, 1, 1
-    K._select_kernel[(r, B)](
+    K._select_kernel[_grid(B * r)](
         score, m, exclude if exclude is not None else index, index, asg if assign else index, x,
         score.stride(0), score.stride(1), m_b, m_n, *pargs,
         N, C, J, f, n_pick, center, r,
@@ -273,7 +286,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     else:
         bm, bn = _block(N, PDIST_BLOCK), _block(M, PDIST_BLOCK)
         yy = y
-    grid = (triton.cdiv(N, bm), triton.cdiv(M, bn), B)
+    grid = _grid(B * triton.cdiv(N, bm) * triton.cdiv(M, bn))
     K._pdist_kernel[grid](
         x, yy, out, N, M, C, *x.stride(), *yy.stride(), *out.stride(), math.sqrt(C),
         SELF=y is None, NATIVE=native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=bc, num_warps=4,
@@ -312,7 +325,7 @@ def _pd_bwd(out, a, q, x, grad, dist, sym: bool, transpose: bool) -> None:
     bm = _block(NA, 64)
     bn = _block(NQ, 32)
     bc = _block(C, 64)
-    grid = (triton.cdiv(NA, bm), triton.cdiv(C, bc), B)
+    grid = _grid(B * triton.cdiv(NA, bm) * triton.cdiv(C, bc))
     # 8 warps, 2 stages: no register spills and 72 KiB of shared memory on sm_90 (ptxas).
     K._pdist_bwd_kernel[grid](
         out, a, q, x, grad, dist, NA, NQ, C, *a.stride(), *q.stride(), x.stride(0), x.stride(2),
@@ -341,8 +354,8 @@ def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor 
         pos, p_b, p_t, p_c = x, 0, 0, 0
     bc = _block(C, 128)
     bj = _block(J, max(1, 2048 // bc), lo=1)
-    K._gather_kernel[(f, B)](
-        x, index, pos, out, J, C, *x.stride(), *index.stride(), p_b, p_t, p_c,
+    K._gather_kernel[_grid(B * f)](
+        x, index, pos, out, f, J, C, *x.stride(), *index.stride(), p_b, p_t, p_c,
         HAS_POS=pos_embed is not None, BJ=bj, BC=bc, num_warps=4,
     )
     return out
@@ -366,8 +379,8 @@ def gather_frames_backward(grad: torch.Tensor, index: torch.Tensor, num_frames: 
         return gx, gp
     bc = _block(C, 128)
     bj = _block(J, max(1, 2048 // bc), lo=1)
-    K._gather_bwd_kernel[(f, B)](
-        grad, index, gx, gp if mode else gx, B, int(num_frames), J, C, *grad.stride(), *index.stride(),
+    K._gather_bwd_kernel[_grid(B * f)](
+        grad, index, gx, gp if mode else gx, B, f, int(num_frames), J, C, *grad.stride(), *index.stride(),
         POS=mode, BJ=bj, BC=bc, num_warps=4,
     )
     return gx, gp
