@@ -190,3 +190,85 @@ def test_large_batch_runs_on_gpu():
     clip = torch.randn(B, N, 2, C, device="cuda", generator=g)
     out, kept = hk.token_pruning_cluster(clip, 3, backend="triton")
     torch.testing.assert_close(out, clip[torch.arange(B, device="cuda")[:, None], kept])
+
+
+# ---- device guard (issue 15 item 2) -------------------------------------------------------------------
+
+
+ENTRY_POINTS = ("pairwise_distance", "pairwise_distance_backward", "knn_density", "dpc_delta", "topf_select",
+                "dpc_knn", "gather_frames", "gather_frames_backward", "token_recovering_attention",
+                "token_recovering_attention_backward")
+
+
+def test_every_entry_point_is_device_guarded():
+    import hot_kernels.triton as T
+
+    for name in ENTRY_POINTS:
+        assert getattr(getattr(T, name), "device_guarded", False), name
+
+
+def test_device_guard_enters_the_inputs_device(monkeypatch):
+    """With a mock torch.cuda.device: a cuda:1 input makes device 1 current for the wrapper's body
+    (and restores the previous one after), a CPU input enters nothing."""
+    from hot_kernels.triton._device import on_input_device
+
+    state = {"current": 0, "entered": []}
+
+    class FakeDevice:
+        def __init__(self, dev):
+            self.idx = torch.device(dev).index
+
+        def __enter__(self):
+            self.prev, state["current"] = state["current"], self.idx
+            state["entered"].append(self.idx)
+
+        def __exit__(self, *exc):
+            state["current"] = self.prev
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", FakeDevice)
+    seen = []
+
+    @on_input_device
+    def body(t, k, *, flag):
+        seen.append((state["current"], k, flag))
+        return k
+
+    cuda1 = types.SimpleNamespace(device=torch.device("cuda", 1))
+    assert body(cuda1, 7, flag=True) == 7
+    assert seen[-1] == (1, 7, True) and state["current"] == 0 and state["entered"] == [1]
+    body(torch.zeros(1), 3, flag=False)
+    assert seen[-1] == (0, 3, False) and state["entered"] == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_second_gpu_input_runs_there():
+    """Inputs on cuda:1 while cuda:0 is current: every op matches the reference there, and device
+    0 gets no allocation."""
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(3, 40, 16, device=dev, generator=g)
+    before = torch.cuda.memory_allocated(0)
+    torch.testing.assert_close(hk.pairwise_distance(x, backend="triton"), hk.pairwise_distance(x, backend="reference"),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(hk.knn_density(x, 2, backend="triton"), hk.knn_density(x, 2, backend="reference"),
+                               rtol=1e-4, atol=1e-5)
+    idx, asg = hk.dpc_knn(x, 8, 2, return_assignment=True, backend="triton")
+    assert idx.device == dev and ((asg >= 0) & (asg < 8)).all()
+    clip = torch.randn(3, 40, 2, 16, device=dev, generator=g, requires_grad=True)
+    out, kept = hk.token_pruning_cluster(clip, 8, backend="triton")
+    torch.testing.assert_close(out, clip[torch.arange(3, device=dev)[:, None], kept])
+    out.sum().backward()
+    C = 16
+    w = [torch.randn(C, C, device=dev, generator=g) * 0.2 for _ in range(4)]
+    q = torch.randn(1, 12, C, device=dev, generator=g)
+    kv = torch.randn(3, 9, C, device=dev, generator=g)
+    args = (q, kv, w[0], None, w[1], None, w[2], None, w[3], None)
+    torch.testing.assert_close(hk.token_recovering_attention(*args, num_heads=2, backend="triton"),
+                               hk.token_recovering_attention(*args, num_heads=2, backend="reference"),
+                               rtol=1e-3, atol=1e-3)
+    torch.cuda.synchronize(dev)
+    assert torch.cuda.memory_allocated(0) == before
+    assert torch.cuda.current_device() == 0

@@ -28,6 +28,7 @@ import torch
 import triton
 
 from . import _alloc
+from ._device import on_input_device
 from . import tpc_kernels as K
 
 __all__ = [
@@ -201,6 +202,7 @@ def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, 
     )
 
 
+@on_input_device
 def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: bool) -> torch.Tensor:
     """x (B, N, C) -> (B, N) float32: log rho (log=True) or rho. One launch."""
     p = _Points("knn_density", x)
@@ -211,6 +213,7 @@ def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: b
     return out
 
 
+@on_input_device
 def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor | None):
     """x (B, N, C), density (B, N) (rho or log rho, any float dtype) -> (delta (B, N) float32,
     parent (B, N) int64). Two launches: the largest real distance per row, then the delta sweep."""
@@ -225,6 +228,7 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     return delta, parent
 
 
+@on_input_device
 def topf_select(score: torch.Tensor, f: int, sorted: bool, exclude: torch.Tensor | None) -> torch.Tensor:
     """score (B, N) -> index (B, f) int64: ascending (sorted) or best first. One launch."""
     _check_dtype("topf_select", score, "score")
@@ -237,6 +241,7 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool, exclude: torch.Tensor
     return index
 
 
+@on_input_device
 def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, center: int | None,
             keep_center: bool, sorted: bool, return_assignment: bool):
     """The fused TPC selection -> (index (B, f) int64, assignment (B, N) int64 or (B, 0)).
@@ -267,6 +272,7 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
 # ---- pairwise_distance ----------------------------------------------------------------------------
 
 
+@on_input_device
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """x (B, N, C), y (B, M, C) or None -> D (B, N, M) in x's dtype (bit-symmetric with a zero
     diagonal when y is None). One launch."""
@@ -294,6 +300,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     return out
 
 
+@on_input_device
 def pairwise_distance_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, dist: torch.Tensor):
     """grad, dist (B, N, M) -> (grad_x (B, N, C), grad_y (B, M, C), or an empty tensor when y is
     None: grad_x then holds both roles of x). W = grad / (C * D), 0 where D == 0."""
@@ -337,6 +344,7 @@ def _pd_bwd(out, a, q, x, grad, dist, sym: bool, transpose: bool) -> None:
 # ---- gather_frames ----------------------------------------------------------------------------------
 
 
+@on_input_device
 def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     """x (B, F, J, C), index (B, f) int64 (distinct values in [0, F)), pos_embed (1 or B, f, C) or
     None -> (B, f, J, C) in x's dtype: out[b, t] = x[b, index[b, t]] (+ pos_embed[0 or b, t] over
@@ -361,6 +369,7 @@ def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor 
     return out
 
 
+@on_input_device
 def gather_frames_backward(grad: torch.Tensor, index: torch.Tensor, num_frames: int, pos_batch: int):
     """grad (B, f, J, C) -> (grad_x (B, num_frames, J, C): zero except grad_x[b, index[b, t]] =
     grad[b, t]; grad_pos (pos_batch, f, C) = grad summed over J (and over B when pos_batch == 1),
