@@ -272,3 +272,52 @@ def test_second_gpu_input_runs_there():
     torch.cuda.synchronize(dev)
     assert torch.cuda.memory_allocated(0) == before
     assert torch.cuda.current_device() == 0
+
+
+# ---- selection once, then the assignment (issue 15 item 5) ---------------------------------------------
+
+
+class _Spy:
+    """Wraps a @triton.jit kernel: records each launch's grid, then launches it."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(tuple(grid))
+        return self.kernel[grid]
+
+
+@pytest.mark.parametrize("single", [True, False], ids=["sort", "bisection"])
+def test_selection_once_then_assignment(monkeypatch, single):
+    """dpc_knn with the assignment: one selection program per sample, then the assignment over
+    several programs per sample (each over several row tiles); both valid against the float64
+    brute force (tie-aware), the selection the same as without the assignment."""
+    from hot_kernels.triton import tpc, tpc_kernels
+    from hot_kernels import reference as R
+    from hot_kernels.functional import _dpc_knn
+    from selection import assert_same_or_near_tie, check_assignment, check_selection
+
+    sel, asg_log = [], []
+    monkeypatch.setattr(tpc_kernels, "_select_kernel", _Spy(tpc_kernels._select_kernel, sel))
+    monkeypatch.setattr(tpc_kernels, "_assign_kernel", _Spy(tpc_kernels._assign_kernel, asg_log))
+    monkeypatch.setattr(tpc, "ASSIGN_BM", 16)  # 3-5 row tiles of 16 (N = 40, 70)
+    monkeypatch.setattr(tpc, "ASSIGN_MAX_PROGRAMS", 2)  # 2 programs per sample, 2-3 tiles each
+    if not single:
+        monkeypatch.setattr(tpc, "SELECT_SINGLE_MAX", 32)
+        monkeypatch.setattr(tpc, "SELECT_CHUNK", 32)
+    g = torch.Generator().manual_seed(5)
+    B, N, C, f = 2, 70 if single else 40, 8, 9
+    x = torch.randn(B, N, C, generator=g)
+    mask = torch.rand(B, N, generator=g) > 0.2
+    combos = ((True, None, True), (False, 7, False)) if single else ((False, 7, True),)
+    for sorted_, center, keep in combos:
+        sel.clear()
+        asg_log.clear()
+        index, asg = _dpc_knn("dpc_knn", x, f, 2, mask, center, True, sorted_, keep, "triton")
+        assert sel == [(B,)] and asg_log == [(B * 2,)]
+        kw = dict(token_mask=mask, center=center, keep_center=keep, sorted=sorted_)
+        want, _ = R.dpc_knn(x, f, 2, mask, center, True, sorted=sorted_, keep_center=keep)
+        assert_same_or_near_tie(index, want, x, f, 2, **kw)
+        check_selection(x, index, f, 2, **kw)
+        check_assignment(x, index, asg)

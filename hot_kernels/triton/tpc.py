@@ -7,7 +7,7 @@ the device. Dtypes: float16, bfloat16, float32 (float64 is the CPU/reference bac
 float32 accumulation; statistics come back in float32, indices in int64.
 
 Launches per call: pairwise_distance 1, its backward 1 (2 with y), knn_density 1, dpc_delta 2,
-topf_select 1, dpc_knn 3 (density sweep, delta sweep, selection + assignment), gather_frames 1,
+topf_select 1, dpc_knn 3 (density sweep, delta sweep, selection; + 1 for the assignment), gather_frames 1,
 gather_frames_backward 2 (zero fill + scatter).
 
 Tuning knobs (module attributes, read at each call): SWEEP_BM / SWEEP_BN (row / column tile of
@@ -176,29 +176,30 @@ def _delta(p: _Points, key, mask, rowmax, out, parent, score: bool) -> None:
 
 
 def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, f: int, n_pick: int,
-            index, asg, p: _Points | None) -> None:
+            index) -> None:
+    """index (B, f) <- the selection: one program per sample."""
     B, N = score.shape
     m, m_b, m_n, has_mask = _mask_args(mask, score)
     single = N <= SELECT_SINGLE_MAX
     nb = _block(N, 1 << 30) if single else _np2(SELECT_CHUNK)
-    assign = asg is not None
-    if assign:
-        bm = _block(N, ASSIGN_BM)
-        bn = _block(f, ASSIGN_BN)
-        # Best-first output without SINGLE uses index[b] as scratch: one program per sample.
-        r = 1 if (not single and not sorted) else max(1, min(triton.cdiv(N, bm), ASSIGN_MAX_PROGRAMS))
-        x, pargs, pool, native, bc = p.x, p.args()[3:], p.pool, p.native, p.bc
-        C, J = p.C, p.J
-    else:
-        bm, bn, r = 16, 16, 1
-        x, pargs, pool, native, bc, C, J = score, (0, 0, 0, 0), False, False, 16, 1, 1
-    K._select_kernel[_grid(B * r)](
-        score, m, exclude if exclude is not None else index, index, asg if assign else index, x,
-        score.stride(0), score.stride(1), m_b, m_n, *pargs,
-        N, C, J, f, n_pick, center, r,
+    K._select_kernel[_grid(B)](
+        score, m, exclude if exclude is not None else index, index,
+        score.stride(0), score.stride(1), m_b, m_n, N, f, n_pick, center,
         HAS_MASK=has_mask, HAS_EXCL=exclude is not None, KEEP_CENTER=keep_center and center >= 0,
-        SORTED=sorted, ASSIGN=assign, SINGLE=single, POOL=pool, NATIVE=native, PREC=F32_DOT_PRECISION,
-        NB=nb, SB=_np2(SELECT_ROUND), BM=bm, BN=bn, BC=bc, num_warps=4 if nb <= 1024 else 8,
+        SORTED=sorted, SINGLE=single, NB=nb, SB=_np2(SELECT_ROUND), num_warps=4 if nb <= 1024 else 8,
+    )
+
+
+def _assign(p: _Points, index, asg) -> None:
+    """asg (B, N) <- each token's nearest kept token (a position in index[b]); up to
+    ASSIGN_MAX_PROGRAMS programs per sample, each on its own rows."""
+    f = index.shape[1]
+    bm = _block(p.N, ASSIGN_BM)
+    bn = _block(f, ASSIGN_BN)
+    r = max(1, min(triton.cdiv(p.N, bm), ASSIGN_MAX_PROGRAMS))
+    K._assign_kernel[_grid(p.B * r)](
+        index, asg, p.x, p.s_b, p.s_n, p.s_j, p.s_c, p.N, p.C, p.J, f, r,
+        POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=p.bc, num_warps=4,
     )
 
 
@@ -237,7 +238,7 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool, exclude: torch.Tensor
     if B == 0 or f == 0:
         return index
     ex = None if exclude is None else exclude.to(device=score.device, dtype=torch.long).reshape(B)
-    _select(score, None, ex, -1, False, bool(sorted), int(f), int(f), index, None, None)
+    _select(score, None, ex, -1, False, bool(sorted), int(f), int(f), index)
     return index
 
 
@@ -247,9 +248,10 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
     """The fused TPC selection -> (index (B, f) int64, assignment (B, N) int64 or (B, 0)).
 
     x (B, N, C), or (B, N, J, C): selects on the joint-pooled clip (mean over J in float32 inside
-    the loads). Three launches, O(B * N) float32 intermediates, no N x N tensor: density sweep
-    (log rho, largest real e per row), delta sweep (score = delta * rho), per-sample selection
-    (+ the assignment when asked)."""
+    the loads). Three launches (four with the assignment), O(B * N) float32 intermediates, no
+    N x N tensor: density sweep (log rho, largest real e per row), delta sweep (score = delta *
+    rho), per-sample selection (one program per sample), then, when asked, the assignment (up to
+    ASSIGN_MAX_PROGRAMS programs per sample reading the selection)."""
     p = _Points("dpc_knn", x)
     B, N = p.B, p.N
     f = int(f)
@@ -264,8 +266,9 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
     score = _alloc.empty_like(log_rho)
     _density(p, token_mask, int(k), log_rho, rowmax, want_dens=True, want_max=True, log=True)
     _delta(p, log_rho, token_mask, rowmax, score, None, score=True)
-    _select(score, token_mask, None, c, bool(keep_center), bool(sorted), f, n_pick, index,
-            asg if return_assignment else None, p)
+    _select(score, token_mask, None, c, bool(keep_center), bool(sorted), f, n_pick, index)
+    if return_assignment:
+        _assign(p, index, asg)
     return index, asg
 
 

@@ -374,31 +374,22 @@ def _select_kernel(
     mask_ptr,    # (B, N) uint8 (HAS_MASK): masked tokens rank below real ones
     excl_ptr,    # (B,) int64 token never picked (HAS_EXCL); else `center` (-1: none)
     index_ptr,   # (B, f) int64 contiguous: the output
-    asg_ptr,     # (B, N) int64 contiguous: the assignment (ASSIGN)
-    x_ptr,       # (B, N, [J,] C) points (ASSIGN)
-    sc_b, sc_n, m_b, m_n, s_b, s_n, s_j, s_c,
-    N, C, J, f, n_pick, center, R,
+    sc_b, sc_n, m_b, m_n,
+    N, f, n_pick, center,
     HAS_MASK: tl.constexpr, HAS_EXCL: tl.constexpr, KEEP_CENTER: tl.constexpr,
-    SORTED: tl.constexpr, ASSIGN: tl.constexpr, SINGLE: tl.constexpr,
-    POOL: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
-    NB: tl.constexpr, SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    SORTED: tl.constexpr, SINGLE: tl.constexpr, NB: tl.constexpr, SB: tl.constexpr,
 ):
-    """Grid (B * R,): program b * R + r. Picks the n_pick best tokens of sample b by _rank_key (f picks, or f - 1 plus
-    the kept center when KEEP_CENTER) and writes index[b]: ascending (SORTED) or best first (a kept
-    center last).
+    """Grid (B,): one program per sample. Picks the n_pick best tokens of sample b by _rank_key
+    (f picks, or f - 1 plus the kept center when KEEP_CENTER) and writes index[b]: ascending
+    (SORTED) or best first (a kept center last).
 
     SINGLE (N <= NB): all keys in registers, one bitonic sort; the n_pick-th key is the threshold.
     Otherwise the threshold comes from bisection over the integer keys (_kth_key); SORTED output is
     then a compaction in index order (chunks of NB); best-first output is built in rounds of SB
     picks: the keys of each round are compacted into index[b] (scratch), read back, sorted in
-    registers and replaced by their tokens (the wrapper uses R = 1 there).
-
-    ASSIGN: every one of the R programs of a sample computes the same selection and writes the
-    same index[b] (identical values, so the concurrent writes agree), reads it back after a
-    barrier and assigns the rows r * BM + R * BM * t: the lowest position of the kept token with
-    the smallest e (Gram form), a kept token to its own position."""
-    r = tl.program_id(0) % R
-    b = (tl.program_id(0) // R).to(tl.int64)
+    registers and replaced by their tokens (this program's own scratch: one program per sample).
+    The assignment reads index[b] in a separate launch (_assign_kernel)."""
+    b = tl.program_id(0).to(tl.int64)
     sc_off = b * sc_b
     m_off = b * m_b
     out = index_ptr + b * f
@@ -463,25 +454,41 @@ def _select_kernel(
             if KEEP_CENTER:
                 tl.store(out + (f - 1), center)
 
-    if ASSIGN:
-        tl.debug_barrier()  # index[b] written by this program's threads: visible to all of them
-        xb = x_ptr + b * s_b
-        for row0 in range(r * BM, N, R * BM):
-            rows = row0 + tl.arange(0, BM)
-            rok = rows < N
-            best = tl.full([BM], _SENT, tl.int64)
-            own = tl.full([BM], -1, tl.int32)
-            for p0 in range(0, f, BN):
-                ps = p0 + tl.arange(0, BN)
-                pok = ps < f
-                toks = tl.load(out + ps, mask=pok, other=0, cache_modifier=".cg")
-                e = _gram_e(xb, rows, rok, s_n, s_j, s_c, xb, toks, pok, s_n, s_j, s_c, xb, C, J,
-                            BM, BN, BC, POOL, NATIVE, PREC)
-                best = tl.minimum(best, tl.min(tl.where(pok[None, :], _pack(e, ps), _SENT), axis=1))
-                is_own = pok[None, :] & (toks[None, :] == rows[:, None])
-                own = tl.maximum(own, tl.max(tl.where(is_own, ps[None, :], -1), axis=1))
-            a = tl.where(own >= 0, own.to(tl.int64), best & _LOW32)
-            tl.store(asg_ptr + b * N + rows, a, mask=rok)
+
+
+@triton.jit
+def _assign_kernel(
+    index_ptr,   # (B, f) int64 contiguous: the kept tokens, from _select_kernel
+    asg_ptr,     # (B, N) int64 contiguous: the output
+    x_ptr,       # (B, N, [J,] C) points
+    s_b, s_n, s_j, s_c,
+    N, C, J, f, R,
+    POOL: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+):
+    """Grid (B * R,): program b * R + r assigns the rows r * BM + R * BM * t of sample b to the
+    lowest position of the kept token with the smallest e (Gram form), a kept token to its own
+    position. index[b] comes from the previous launch (no selection redone, no barrier)."""
+    r = tl.program_id(0) % R
+    b = (tl.program_id(0) // R).to(tl.int64)
+    out = index_ptr + b * f
+    xb = x_ptr + b * s_b
+    for row0 in range(r * BM, N, R * BM):
+        rows = row0 + tl.arange(0, BM)
+        rok = rows < N
+        best = tl.full([BM], _SENT, tl.int64)
+        own = tl.full([BM], -1, tl.int32)
+        for p0 in range(0, f, BN):
+            ps = p0 + tl.arange(0, BN)
+            pok = ps < f
+            toks = tl.load(out + ps, mask=pok, other=0)
+            e = _gram_e(xb, rows, rok, s_n, s_j, s_c, xb, toks, pok, s_n, s_j, s_c, xb, C, J,
+                        BM, BN, BC, POOL, NATIVE, PREC)
+            best = tl.minimum(best, tl.min(tl.where(pok[None, :], _pack(e, ps), _SENT), axis=1))
+            is_own = pok[None, :] & (toks[None, :] == rows[:, None])
+            own = tl.maximum(own, tl.max(tl.where(is_own, ps[None, :], -1), axis=1))
+        a = tl.where(own >= 0, own.to(tl.int64), best & _LOW32)
+        tl.store(asg_ptr + b * N + rows, a, mask=rok)
 
 
 # ---- pairwise_distance ----------------------------------------------------------------------------
