@@ -321,3 +321,98 @@ def test_selection_once_then_assignment(monkeypatch, single):
         assert_same_or_near_tie(index, want, x, f, 2, **kw)
         check_selection(x, index, f, 2, **kw)
         check_assignment(x, index, asg)
+
+
+# ---- registration: triton_op + wrap_triton (issue 15 item 6) ------------------------------------------
+
+# Run without the interpreter (the ops are then triton_ops) on fake CUDA tensors: AOT autograd's
+# functionalization (what torch.compile / AOTInductor do before Inductor) must decompose each TPC
+# op into its Triton kernels. No kernel runs; nothing here needs a GPU.
+_TRACE_SCRIPT = r"""
+import contextlib, json
+import torch
+import hot_kernels
+from hot_kernels.triton import tpc
+from torch._functorch.aot_autograd import aot_export_module
+from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+tpc._sm_count = lambda index: 132  # no CUDA device here: what the wrappers would query
+torch.cuda.device = lambda dev: contextlib.nullcontext()  # nor a device to enter
+ops = torch.ops.hot_kernels
+
+
+class Model(torch.nn.Module):
+    def forward(self, x, clip, idx, pos, g):
+        index, asg = ops.dpc_knn(x, 4, 2, None, None, True, True, True, "triton")
+        d = ops.pairwise_distance(x, None, "triton")
+        gx, _ = ops.pairwise_distance_backward(d, x, None, d, "triton")
+        rho = ops.knn_density(x, 2, None, True, "triton")
+        delta, parent = ops.dpc_delta(x, rho, None, "triton")
+        top = ops.topf_select(delta, 3, False, None, "triton")
+        kept = ops.gather_frames(clip, idx, pos, "triton")
+        gc, gp = ops.gather_frames_backward(g, idx, 10, 1, "triton")
+        return index, asg, gx, parent, top, kept, gc, gp
+
+
+with FakeTensorMode(allow_non_fake_inputs=True):
+    dev = "cuda"
+    args = [torch.empty(2, 40, 8, device=dev), torch.empty(2, 10, 3, 8, device=dev),
+            torch.zeros(2, 4, dtype=torch.long, device=dev), torch.empty(1, 4, 8, device=dev),
+            torch.empty(2, 4, 3, 8, device=dev)]
+    gm, _ = aot_export_module(Model(), args, trace_joint=False)
+nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
+print(json.dumps({
+    "kernels": [kernel_side_table.get_kernel(n.kwargs["kernel_idx"]).fn.__name__
+                for n in nodes if "kernel_idx" in n.kwargs],
+    "opaque": [str(n.target) for n in nodes if "hot_kernels" in str(n.target)],
+}))
+"""
+
+
+def _without_interpreter_env():
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run traces and runs them for real (test_gpu.py)")
+def test_triton_ops_decompose_into_their_kernels():
+    import json
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _TRACE_SCRIPT], env=_without_interpreter_env(),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["opaque"] == []  # no hot_kernels op left opaque: Inductor sees every kernel
+    assert got["kernels"] == ["_density_kernel", "_delta_kernel", "_select_kernel", "_assign_kernel",
+                              "_pdist_kernel", "_pdist_bwd_kernel", "_density_kernel", "_density_kernel",
+                              "_delta_kernel", "_select_kernel", "_gather_kernel", "_gather_bwd_kernel"]
+
+
+def test_export_example_model_with_triton_backend():
+    """torch.export of the python/ HourglassMixSTE on the triton backend (interpreted here):
+    the exported program holds the hot_kernels ops and reproduces the eager forward."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python"))
+    from hourglass_mixste import HourglassMixSTE
+
+    torch.manual_seed(0)
+    model = HourglassMixSTE(frames=9, joints=3, keep=4, dim=16, heads=2, depth=2, prune_after=1,
+                            use_hot_kernels=True).eval()
+    x = torch.randn(2, 9, 3, 2)
+    with hk.use_backend("triton"), torch.no_grad():
+        want = model(x)
+        ep = torch.export.export(model, (x,))
+        got = ep.module()(x)
+    targets = {str(n.target) for n in ep.graph.nodes}
+    assert {"hot_kernels.dpc_knn.default", "hot_kernels.gather_frames.default",
+            "hot_kernels.token_recovering_attention.default"} <= targets
+    torch.testing.assert_close(got, want)

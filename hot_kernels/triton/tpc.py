@@ -26,6 +26,8 @@ import os
 
 import torch
 import triton
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 from . import _alloc
 from ._device import on_input_device
@@ -82,6 +84,12 @@ def _grid(programs: int) -> tuple[int]:
         raise ValueError(f"hot_kernels (triton): {programs} programs exceed the launch grid's limit "
                          f"({MAX_GRID_X}); split the batch")
     return (int(programs),)
+
+
+def _k(kernel):
+    """kernel, launchable inside torch.library.triton_op: wrap_triton makes a compiled Triton
+    kernel visible to make_fx / Inductor tracing (and launches it directly in eager mode)."""
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
 def _check_dtype(op: str, t: torch.Tensor, name: str = "x") -> None:
@@ -153,7 +161,7 @@ def _density(p: _Points, mask, k: int, out, rowmax, want_dens: bool, want_max: b
     bm = _sweep_bm(p)
     bn = _block(p.N, SWEEP_BN)
     grid = _grid(p.B * triton.cdiv(p.N, bm))
-    K._density_kernel[grid](
+    _k(K._density_kernel)[grid](
         p.x, m, out if out is not None else rowmax, rowmax if rowmax is not None else out,
         *p.args(), m_b, m_n, p.sqrt_c,
         HAS_MASK=has_mask, POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION,
@@ -167,7 +175,7 @@ def _delta(p: _Points, key, mask, rowmax, out, parent, score: bool) -> None:
     bm = _sweep_bm(p)
     bn = _block(p.N, SWEEP_BN)
     grid = _grid(p.B * triton.cdiv(p.N, bm))
-    K._delta_kernel[grid](
+    _k(K._delta_kernel)[grid](
         p.x, key, m, rowmax, out, parent if parent is not None else out,
         *p.args(), m_b, m_n, key.stride(0), key.stride(1), p.sqrt_c,
         HAS_MASK=has_mask, POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, SCORE=score,
@@ -182,7 +190,7 @@ def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, 
     m, m_b, m_n, has_mask = _mask_args(mask, score)
     single = N <= SELECT_SINGLE_MAX
     nb = _block(N, 1 << 30) if single else _np2(SELECT_CHUNK)
-    K._select_kernel[_grid(B)](
+    _k(K._select_kernel)[_grid(B)](
         score, m, exclude if exclude is not None else index, index,
         score.stride(0), score.stride(1), m_b, m_n, N, f, n_pick, center,
         HAS_MASK=has_mask, HAS_EXCL=exclude is not None, KEEP_CENTER=keep_center and center >= 0,
@@ -197,7 +205,7 @@ def _assign(p: _Points, index, asg) -> None:
     bm = _block(p.N, ASSIGN_BM)
     bn = _block(f, ASSIGN_BN)
     r = max(1, min(triton.cdiv(p.N, bm), ASSIGN_MAX_PROGRAMS))
-    K._assign_kernel[_grid(p.B * r)](
+    _k(K._assign_kernel)[_grid(p.B * r)](
         index, asg, p.x, p.s_b, p.s_n, p.s_j, p.s_c, p.N, p.C, p.J, f, r,
         POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=p.bc, num_warps=4,
     )
@@ -296,7 +304,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         bm, bn = _block(N, PDIST_BLOCK), _block(M, PDIST_BLOCK)
         yy = y
     grid = _grid(B * triton.cdiv(N, bm) * triton.cdiv(M, bn))
-    K._pdist_kernel[grid](
+    _k(K._pdist_kernel)[grid](
         x, yy, out, N, M, C, *x.stride(), *yy.stride(), *out.stride(), math.sqrt(C),
         SELF=y is None, NATIVE=native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=bc, num_warps=4,
     )
@@ -337,7 +345,7 @@ def _pd_bwd(out, a, q, x, grad, dist, sym: bool, transpose: bool) -> None:
     bc = _block(C, 64)
     grid = _grid(B * triton.cdiv(NA, bm) * triton.cdiv(C, bc))
     # 8 warps, 2 stages: no register spills and 72 KiB of shared memory on sm_90 (ptxas).
-    K._pdist_bwd_kernel[grid](
+    _k(K._pdist_bwd_kernel)[grid](
         out, a, q, x, grad, dist, NA, NQ, C, *a.stride(), *q.stride(), x.stride(0), x.stride(2),
         g_b, g_i, g_j, d_b, d_i, d_j, float(C),
         SYM=sym, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=bc, num_warps=8, num_stages=2,
@@ -365,7 +373,7 @@ def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor 
         pos, p_b, p_t, p_c = x, 0, 0, 0
     bc = _block(C, 128)
     bj = _block(J, max(1, 2048 // bc), lo=1)
-    K._gather_kernel[_grid(B * f)](
+    _k(K._gather_kernel)[_grid(B * f)](
         x, index, pos, out, f, J, C, *x.stride(), *index.stride(), p_b, p_t, p_c,
         HAS_POS=pos_embed is not None, BJ=bj, BC=bc, num_warps=4,
     )
@@ -391,7 +399,7 @@ def gather_frames_backward(grad: torch.Tensor, index: torch.Tensor, num_frames: 
         return gx, gp
     bc = _block(C, 128)
     bj = _block(J, max(1, 2048 // bc), lo=1)
-    K._gather_bwd_kernel[_grid(B * f)](
+    _k(K._gather_bwd_kernel)[_grid(B * f)](
         grad, index, gx, gp if mode else gx, B, f, int(num_frames), J, C, *grad.stride(), *index.stride(),
         POS=mode, BJ=bj, BC=bc, num_warps=4,
     )
