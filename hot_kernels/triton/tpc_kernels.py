@@ -611,7 +611,7 @@ def _gather_kernel(
     """Grid (B * f,): program b * f + t (T = f). out[b, t] = x[b, index[b, t]] (+ pos[b or 0, t] over the joints, added in
     float32 and rounded once)."""
     pid = tl.program_id(0).to(tl.int64)
-    nt = T.to(tl.int64)
+    nt = T  # an argument of 1 arrives as a constexpr (Triton's specialization): no .to() on it
     t = pid % nt
     b = pid // nt
     src = tl.load(idx_ptr + b * i_b + t * i_t)
@@ -644,7 +644,7 @@ def _gather_bwd_kernel(
     t] = sum over J (POS == 1), or, in the programs of b = 0, grad_pos[0, t] = sum over b then J
     (POS == 2). float32 sums in a fixed order."""
     pid = tl.program_id(0).to(tl.int64)
-    nt = T.to(tl.int64)
+    nt = T  # an argument of 1 arrives as a constexpr (Triton's specialization): no .to() on it
     t = pid % nt
     b = pid // nt
     dst = tl.load(idx_ptr + b * i_b + t * i_t)
