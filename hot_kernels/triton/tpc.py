@@ -15,7 +15,7 @@ the sweeps; the row tile shrinks for small grids, see _sweep_bm), BC_F32 / BC_HA
 chunk), SWEEP_WARPS, SELECT_SINGLE_MAX (largest N whose selection sorts all keys in registers;
 a bigger sort compiles slowly: ~20 s at 4096), SELECT_CHUNK (tokens per pass of the bisection
 path), SELECT_ROUND (picks per sorted round of its best-first output), ASSIGN_BM / ASSIGN_BN /
-ASSIGN_MAX_PROGRAMS (the assignment's tiles and programs per sample), F32_DOT_PRECISION
+ASSIGN_WARPS / ASSIGN_MAX_PROGRAMS (the assignment's tiles, warps and programs per sample), F32_DOT_PRECISION
 ("tf32x3" or "ieee"; the environment variable HOT_KERNELS_TRITON_F32_DOT sets it at import).
 """
 from __future__ import annotations
@@ -56,7 +56,8 @@ SELECT_SINGLE_MAX = 2048
 SELECT_CHUNK = 4096
 SELECT_ROUND = 1024
 ASSIGN_BM = 64
-ASSIGN_BN = 64
+ASSIGN_BN = 32
+ASSIGN_WARPS = 8  # with ASSIGN_BN = 32: no spills on sm_90 (ptxas, Triton 3.6; 4 warps x 64: 1 KB)
 ASSIGN_MAX_PROGRAMS = 64
 PDIST_BLOCK = 64
 ROWMAX_CHUNK = 1024
@@ -207,7 +208,7 @@ def _assign(p: _Points, index, asg) -> None:
     r = max(1, min(triton.cdiv(p.N, bm), ASSIGN_MAX_PROGRAMS))
     _k(K._assign_kernel)[_grid(p.B * r)](
         index, asg, p.x, p.s_b, p.s_n, p.s_j, p.s_c, p.N, p.C, p.J, f, r,
-        POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=p.bc, num_warps=4,
+        POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=p.bc, num_warps=ASSIGN_WARPS,
     )
 
 
