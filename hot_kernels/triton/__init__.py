@@ -17,6 +17,9 @@ except ImportError as e:
 OPS: frozenset[str] = frozenset()
 
 if IMPORT_ERROR is None:
+    from . import _interp_compat
+
+    _interp_compat.apply()  # Triton 3.6's interpreter under numpy >= 2.4 (see _interp_compat.py)
     from .tpc import (  # noqa: F401
         dpc_delta,
         dpc_knn,
