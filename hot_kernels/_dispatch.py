@@ -33,6 +33,8 @@ CUDA_PREFERENCE = {
     "dpc_knn": ("triton", "cuda", "reference"),
     "gather_frames": ("triton", "cuda", "reference"),
     "token_recovering_attention": ("triton", "cuda", "reference"),
+    "token_recovering_interpolation": ("triton", "cuda", "reference"),
+    "merge_tokens": ("triton", "cuda", "reference"),
 }
 CPU_PREFERENCE = ("cpu", "reference")
 

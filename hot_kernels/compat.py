@@ -24,9 +24,9 @@ from torch import nn
 
 from . import _validate as V
 from . import reference
-from .functional import _dpc_knn, token_recovering_attention
+from .functional import _cluster_mean, _dpc_knn, token_recovering_attention
 
-__all__ = ["ADVANCE_RNG", "cluster_dpc_knn", "cluster_dpc_knn_center", "CrossAttention"]
+__all__ = ["ADVANCE_RNG", "cluster_dpc_knn", "cluster_dpc_knn_center", "merge_tokens", "CrossAttention"]
 
 # Default of the drop-ins' ``advance_rng``: draw (and discard) the published tie noise, so that the
 # global RNG advances exactly as in the published code.
@@ -92,6 +92,39 @@ def cluster_dpc_knn_center(x, cluster_num, k, center, token_mask=None, *, backen
     if advance:
         _draw_published_noise(x)
     return out
+
+
+MERGE_EPS = 1e-6  # added to every cluster's weight sum by TCFormer and Chat-UniVi
+
+
+def merge_tokens(x, idx_cluster, cluster_num, token_weight=None, *, backend=None):
+    """Token merging in the convention of Chat-UniVi's ``merge_tokens(x, idx_cluster, cluster_num,
+    token_weight=None)`` (TCFormer's ``merge_tokens(token_dict, idx_cluster, cluster_num,
+    token_weight)`` computes the same ``x_merged`` from ``token_dict["x"]``): x (B, N, C),
+    idx_cluster (B, N) cluster of each token in [0, cluster_num) (what ``cluster_dpc_knn`` returns),
+    token_weight (B, N, 1) (or (B, N)) or None -> x_merged (B, cluster_num, C) =
+    sum w_i x_i / (sum w_i + 1e-6) per cluster.
+
+    Differences from :func:`hot_kernels.merge_tokens`: the clusters are given by idx_cluster and
+    cluster_num (no kept-token index, so no check that each kept token is in its own cluster), the
+    weights are (B, N, 1), and, as published, 1e-6 is added to each weight sum (an exact mean times
+    W / (W + 1e-6); an empty or zero-weight cluster gives 0 in both). TCFormer's other outputs
+    (idx_token, agg_weight, the merged token_dict) are not produced. Deterministic on every backend
+    (the published index_add_ is not, on CUDA)."""
+    op = "compat.merge_tokens"
+    if isinstance(token_weight, torch.Tensor) and token_weight.dim() == 3 and token_weight.shape[2] == 1:
+        token_weight = token_weight[..., 0]
+    x, _, idx_cluster, token_weight, f = V.merge_inputs(op, x, None, idx_cluster, token_weight, cluster_num)
+    mean = _cluster_mean(op, x, idx_cluster, f, token_weight, backend)
+    if token_weight is None:
+        W = torch.zeros(x.shape[0], f, dtype=mean.dtype, device=x.device).scatter_add_(
+            1, idx_cluster, torch.ones_like(idx_cluster, dtype=mean.dtype))  # counts: exact in any order
+    else:
+        # sum of w per cluster = count * mean of w: differentiable in the weights, deterministic.
+        counts = torch.zeros(x.shape[0], f, dtype=torch.float32, device=x.device).scatter_add_(
+            1, idx_cluster, torch.ones_like(idx_cluster, dtype=torch.float32))
+        W = counts.to(token_weight.dtype) * _cluster_mean(op, token_weight[..., None], idx_cluster, f, None, backend)[..., 0]
+    return mean * (W / (W + MERGE_EPS))[..., None]
 
 
 def _weights(mod: nn.Module):
