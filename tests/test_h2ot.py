@@ -118,3 +118,19 @@ def test_h2ot_arguments_are_checked():
         HourglassH2OT(**{**TINY, "keep": (5, 8, 3)})
     with pytest.raises(ValueError, match="recover must be"):
         HourglassH2OT(**TINY, recover="copy")
+
+
+def test_bench_model_h2ot_case_checks_and_runs_each_timed_step():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_model as BM
+
+    assert "h2ot" in BM.MODELS and BM.MODELS["h2ot"][1] == "HourglassH2OT"
+    hot, pure = build(None, "tra")  # BM.build's small model, smaller still (tiny shapes for CI)
+    models, in_dim = {True: hot, False: pure}, 2
+    m = models[True]
+    poses = torch.randn(1, m.frames, m.joints, in_dim, generator=torch.Generator().manual_seed(2))
+    verdict, captured = BM.check_paths(models, poses)
+    assert "kept frames" in verdict and len(captured["tpc"]) == len(m.keep)
+    fns = BM.step_fns(m, poses, torch.randn(1, m.frames, m.joints, 3), captured)
+    for what, fn in fns.items():
+        assert fn() is not None, what

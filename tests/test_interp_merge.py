@@ -412,3 +412,33 @@ def test_ops_exported():
     assert {"token_recovering_interpolation", "merge_tokens"} <= set(hk.__all__)
     assert hk.token_recovering_interpolation is hk.functional.token_recovering_interpolation
     assert "TokenRecoveringInterpolation" in hk.nn.__all__ and "merge_tokens" in hk.compat.__all__
+
+
+# ---- bench cases ------------------------------------------------------------------------------------
+
+
+def test_bench_cases_run_and_check_every_candidate_here():
+    from hot_kernels import bench_cases as BC
+
+    cases = BC.sweep_cases("cpu", {"N": [12], "C": [8]}, ops=("token_recovering_interpolation", "merge_tokens"))
+    assert {(c.op, c.mode) for c in cases} == {(op, m) for op in ("token_recovering_interpolation", "merge_tokens")
+                                               for m in ("forward", "forward+backward")}
+    device = torch.device("cpu")
+    for case in cases:
+        assert BC.flop_model(case) > 0 and BC.byte_model(case) > 0 and case.title()
+        inputs = BC.make_inputs(case, device)
+        ran = 0
+        ref_out = None
+        for cand in BC.candidates(case, device, inputs, backends=["reference", "cpu"]):
+            if cand.fn is None:
+                continue
+            out = cand.fn(inputs.args)
+            ref_out = out if cand.label == "reference" else ref_out
+            assert "rel. err" in BC.check_output(case, cand.label, inputs, out, ref_out)
+            ran += 1
+        assert ran >= 1
+        # a wrong output is caught
+        wrong = ref_out if case.mode == "forward" else ref_out[0]
+        with pytest.raises(BC.CheckFailed):
+            bad = wrong + 0.1 if case.mode == "forward" else (wrong + 0.1, ref_out[1])
+            BC.check_output(case, "cpu", inputs, bad, ref_out)
