@@ -32,6 +32,13 @@ namespace hot_kernels {
 namespace tpc_cuda {
 namespace {
 
+// a / b rounded to nearest (the CPU's division; CUDA's plain '/' may be approximate under fast-math).
+#ifdef TPC_EMULATE
+inline float div_rn(float a, float b) { return a / b; }
+#else
+__device__ __forceinline__ float div_rn(float a, float b) { return __fdiv_rn(a, b); }
+#endif
+
 // q = number of kept frames at or before t in an ascending row; lo/hi/w as in the CPU's interp_segment.
 __device__ __forceinline__ void interp_segment(const int64_t* row, int64_t f, int64_t t, int64_t& lo, int64_t& hi,
                                                float& w) {
@@ -48,7 +55,7 @@ __device__ __forceinline__ void interp_segment(const int64_t* row, int64_t f, in
   lo = a - 1;
   hi = a;
   const int64_t span = row[hi] - row[lo];
-  w = span > 0 ? __fdiv_rn(static_cast<float>(t - row[lo]), static_cast<float>(span)) : 0.f;
+  w = span > 0 ? div_rn(static_cast<float>(t - row[lo]), static_cast<float>(span)) : 0.f;
 }
 
 template <typename T>
@@ -72,8 +79,9 @@ __global__ void __launch_bounds__(kThreads) interp_bwd_kernel(const T* __restric
   const int64_t r = blockIdx.x;  // b * f + p
   const int64_t b = r / f, p = r % f;
   const int64_t* row = index + b * f;
-  const int64_t t0 = p == 0 ? 0 : max(row[p - 1] + 1, int64_t(0));
-  const int64_t t1 = p == f - 1 ? F - 1 : min(row[p + 1] - 1, F - 1);
+  // (ternaries, not max/min: the int64 overloads differ between nvcc and the CPU emulation)
+  const int64_t t0 = p == 0 ? 0 : (row[p - 1] + 1 > 0 ? row[p - 1] + 1 : 0);
+  const int64_t t1 = p == f - 1 ? F - 1 : (row[p + 1] - 1 < F - 1 ? row[p + 1] - 1 : F - 1);
   T* o = gx + r * R;
   for (int64_t e = threadIdx.x; e < R; e += kThreads) {
     float acc = 0.f;
@@ -99,7 +107,7 @@ __global__ void __launch_bounds__(kThreads) merge_fwd_kernel(const T* __restrict
   float W = 0.f;
   for (int64_t i = 0; i < N; ++i)
     if (a[i] == p) W += weight != nullptr ? to_f(weight[b * N + i]) : 1.f;
-  const float inv = W != 0.f ? __fdiv_rn(1.f, W) : 0.f;
+  const float inv = W != 0.f ? div_rn(1.f, W) : 0.f;
   if (threadIdx.x == 0) wsum[r] = W;
   for (int64_t c = threadIdx.x; c < C; c += kThreads) {
     float acc = 0.f;
@@ -123,7 +131,7 @@ __device__ __forceinline__ float merge_inv(const int64_t* assign, const float* w
   }
   const float W = wsum[b * f + p];
   p += b * f;  // the flat (b, p) row
-  return W != 0.f ? __fdiv_rn(1.f, W) : 0.f;
+  return W != 0.f ? div_rn(1.f, W) : 0.f;
 }
 
 template <typename T>
