@@ -442,3 +442,25 @@ def test_bench_cases_run_and_check_every_candidate_here():
         with pytest.raises(BC.CheckFailed):
             bad = wrong + 0.1 if case.mode == "forward" else (wrong + 0.1, ref_out[1])
             BC.check_output(case, "cpu", inputs, bad, ref_out)
+
+
+@pytest.mark.skipif(_ext.C is None, reason=f"hot_kernels._C not built: {_ext.ERROR}")
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    index = kept_index(3, 40, 9, seed=12)
+    x = randn(3, 9, 4, 16, seed=13, dtype=torch.float32).requires_grad_()
+    g = randn(3, 40, 4, 16, seed=14, dtype=torch.float32)
+    xm, idx, asg, w = merge_inputs(3, 40, 9, 16, seed=15, dtype=torch.float32)
+    xm.requires_grad_()
+    w.requires_grad_()
+    gm = randn(3, 9, 16, seed=16, dtype=torch.float32)
+    saved = torch.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, max(2, saved)):
+            torch.set_num_threads(threads)
+            out = hk.token_recovering_interpolation(x, index, 40, backend="cpu")
+            merged = hk.merge_tokens(xm, idx, asg, w, backend="cpu")
+            runs.append((out, *torch.autograd.grad(out, x, g), merged, *torch.autograd.grad(merged, [xm, w], gm)))
+    finally:
+        torch.set_num_threads(saved)
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
