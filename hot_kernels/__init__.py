@@ -3,8 +3,9 @@
 Token pruning by density-peaks clustering (``dpc_knn``, ``token_pruning_cluster`` and their parts
 ``pairwise_distance``, ``knn_density``, ``dpc_delta``, ``topf_select``) and token recovering
 attention (``token_recovering_attention``), plus interpolation recovery
-(``token_recovering_interpolation``) and cluster token merging (``merge_tokens``), on the ``reference`` (PyTorch), ``cpu`` (C++),
-``cuda`` and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
+(``token_recovering_interpolation``), cluster token merging (``merge_tokens``) and
+``compose_indices`` (hierarchical pruning), on the ``reference`` (PyTorch), ``cpu`` (C++), ``cuda``
+and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
 """
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from . import compat, nn, patch, reference
@@ -23,9 +24,9 @@ from .functional import (
     dpc_delta,
     dpc_knn,
     knn_density,
+    merge_tokens,
     pairwise_distance,
     token_pruning_cluster,
-    merge_tokens,
     token_recovering_attention,
     token_recovering_interpolation,
     topf_select,

@@ -277,7 +277,8 @@ def _interp_setup(ctx, inputs, output):
 
 def _interp_backward(ctx, grad):
     (index,) = ctx.saved_tensors
-    return token_recovering_interpolation_backward(grad.contiguous(), index, ctx.num_kept, ctx.backend), None, None, None
+    grad_x = token_recovering_interpolation_backward(grad.contiguous(), index, ctx.num_kept, ctx.backend)
+    return grad_x, None, None, None
 
 
 token_recovering_interpolation.register_autograd(_interp_backward, setup_context=_interp_setup)

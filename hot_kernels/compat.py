@@ -123,7 +123,8 @@ def merge_tokens(x, idx_cluster, cluster_num, token_weight=None, *, backend=None
         # sum of w per cluster = count * mean of w: differentiable in the weights, deterministic.
         counts = torch.zeros(x.shape[0], f, dtype=torch.float32, device=x.device).scatter_add_(
             1, idx_cluster, torch.ones_like(idx_cluster, dtype=torch.float32))
-        W = counts.to(token_weight.dtype) * _cluster_mean(op, token_weight[..., None], idx_cluster, f, None, backend)[..., 0]
+        mean_w = _cluster_mean(op, token_weight[..., None], idx_cluster, f, None, backend)[..., 0]
+        W = counts.to(token_weight.dtype) * mean_w
     return mean * (W / (W + MERGE_EPS))[..., None]
 
 

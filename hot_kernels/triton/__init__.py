@@ -2,8 +2,9 @@
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
 ``OPS`` names the ops this backend implements (their backward ops are implied); the TPC and TRA
-kernels add themselves here, and so do token_recovering_interpolation and merge_tokens (interp_merge.py). Without the triton package the module still imports, with
-``IMPORT_ERROR`` saying why and ``OPS`` empty.
+kernels add themselves here, and so do token_recovering_interpolation and merge_tokens
+(interp_merge.py). Without the triton package the module still imports, with ``IMPORT_ERROR``
+saying why and ``OPS`` empty.
 """
 from __future__ import annotations
 
