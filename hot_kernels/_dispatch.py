@@ -33,6 +33,8 @@ CUDA_PREFERENCE = {
     "dpc_knn": ("triton", "cuda", "reference"),
     "gather_frames": ("triton", "cuda", "reference"),
     "token_recovering_attention": ("triton", "cuda", "reference"),
+    "token_recovering_interpolation": ("triton", "cuda", "reference"),
+    "merge_tokens": ("triton", "cuda", "reference"),
 }
 # Default backend order on CPU tensors, per op: measured. `hot-kernels bench` (fp32, 2 threads, every
 # default shape, forward and forward+backward) on an AMD EPYC Zen 4 and a Zen 5 (AVX-512, and the

@@ -11,7 +11,8 @@ a plain custom op on every backend (its Triton wrapper, hot_kernels/triton/tra.p
 through wrap_triton yet). A fake (meta)
 implementation gives output shapes without running anything, so ``torch.compile(fullgraph=True)``,
 ``torch.export`` and CUDA graphs see one op per call; autograd is registered where DESIGN.md makes
-an op differentiable (pairwise_distance, gather_frames, token_recovering_attention). The ``reference`` backend is
+an op differentiable (pairwise_distance, gather_frames, token_recovering_attention,
+token_recovering_interpolation, merge_tokens). The ``reference`` backend is
 plain PyTorch and does not go through these ops.
 
 Nothing here validates: hot_kernels/functional.py does, before it calls these.
@@ -376,3 +377,95 @@ def _tra_backward(ctx, grad_out, _grad_lse, _grad_kv, _grad_o):
 
 
 token_recovering_attention.register_autograd(_tra_backward, setup_context=_tra_setup)
+
+
+# ---- token_recovering_interpolation (differentiable in x) ------------------------------------------
+
+
+@torch.library.custom_op(f"{LIB}::token_recovering_interpolation", mutates_args=())
+def token_recovering_interpolation(x: Tensor, index: Tensor, num_frames: int, backend: str) -> Tensor:
+    """x (B, f, [J,] C), index (B, f) ascending -> (B, num_frames, [J,] C)."""
+    with _no_autocast(x):
+        return _kernels(backend).token_recovering_interpolation(x, index, num_frames)
+
+
+@token_recovering_interpolation.register_fake
+def _(x, index, num_frames, backend):
+    return x.new_empty((x.shape[0], num_frames, *x.shape[2:]))
+
+
+@torch.library.custom_op(f"{LIB}::token_recovering_interpolation_backward", mutates_args=())
+def token_recovering_interpolation_backward(grad: Tensor, index: Tensor, num_kept: int, backend: str) -> Tensor:
+    """grad (B, F, [J,] C) -> grad_x (B, num_kept, [J,] C)."""
+    with _no_autocast(grad):
+        return _kernels(backend).token_recovering_interpolation_backward(grad, index, num_kept)
+
+
+@token_recovering_interpolation_backward.register_fake
+def _(grad, index, num_kept, backend):
+    return grad.new_empty((grad.shape[0], num_kept, *grad.shape[2:]))
+
+
+def _interp_setup(ctx, inputs, output):
+    x, index, num_frames, backend = inputs
+    ctx.backend, ctx.num_kept = backend, x.shape[1]
+    ctx.save_for_backward(index)
+
+
+def _interp_backward(ctx, grad):
+    (index,) = ctx.saved_tensors
+    grad_x = token_recovering_interpolation_backward(grad.contiguous(), index, ctx.num_kept, ctx.backend)
+    return grad_x, None, None, None
+
+
+token_recovering_interpolation.register_autograd(_interp_backward, setup_context=_interp_setup)
+
+
+# ---- merge_tokens (differentiable in x and weight) ---------------------------------------------------
+
+
+@torch.library.custom_op(f"{LIB}::merge_tokens", mutates_args=())
+def merge_tokens(x: Tensor, assignment: Tensor, num_clusters: int, weight: Optional[Tensor],
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """x (B, N, C), assignment (B, N) in [0, num_clusters) -> (out (B, num_clusters, C), wsum
+    (B, num_clusters) the clusters' weight sums in the compute dtype, for the backward)."""
+    with _no_autocast(x):
+        return tuple(_kernels(backend).merge_tokens(x, assignment, num_clusters, weight))
+
+
+@merge_tokens.register_fake
+def _(x, assignment, num_clusters, weight, backend):
+    B, C = x.shape[0], x.shape[2]
+    return x.new_empty((B, num_clusters, C)), x.new_empty((B, num_clusters), dtype=compute_dtype(x.dtype))
+
+
+@torch.library.custom_op(f"{LIB}::merge_tokens_backward", mutates_args=())
+def merge_tokens_backward(grad: Tensor, x: Tensor, assignment: Tensor, weight: Optional[Tensor], out: Tensor,
+                          wsum: Tensor, weight_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """-> (grad_x (B, N, C), grad_weight (B, N), or (0, 0) when weight_grad is False)."""
+    with _no_autocast(grad):
+        return tuple(_kernels(backend).merge_tokens_backward(grad, x, assignment, weight, out, wsum, weight_grad))
+
+
+@merge_tokens_backward.register_fake
+def _(grad, x, assignment, weight, out, wsum, weight_grad, backend):
+    B, N = x.shape[:2]
+    return torch.empty_like(x), x.new_empty((B, N) if weight_grad else (0, 0))
+
+
+def _merge_setup(ctx, inputs, output):
+    x, assignment, num_clusters, weight, backend = inputs
+    ctx.backend, ctx.has_weight = backend, weight is not None
+    ctx.save_for_backward(x, assignment, weight, output[0], output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _merge_backward(ctx, grad, _grad_wsum):
+    x, assignment, weight, out, wsum = ctx.saved_tensors
+    weight_grad = ctx.has_weight and ctx.needs_input_grad[3]
+    gx, gw = merge_tokens_backward(grad.contiguous(), x, assignment, weight if ctx.has_weight else None, out, wsum,
+                                   weight_grad, ctx.backend)
+    return gx, None, None, (gw if weight_grad else None), None
+
+
+merge_tokens.register_autograd(_merge_backward, setup_context=_merge_setup)

@@ -2,8 +2,9 @@
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
 ``OPS`` names the ops this backend implements (their backward ops are implied); the TPC and TRA
-kernels add themselves here. Without the triton package the module still imports, with
-``IMPORT_ERROR`` saying why and ``OPS`` empty.
+kernels add themselves here, and so do token_recovering_interpolation and merge_tokens
+(interp_merge.py). Without the triton package the module still imports, with ``IMPORT_ERROR``
+saying why and ``OPS`` empty.
 """
 from __future__ import annotations
 
@@ -36,3 +37,11 @@ if IMPORT_ERROR is None:
     from .tra import token_recovering_attention, token_recovering_attention_backward  # noqa: F401
 
     OPS = OPS | frozenset({"token_recovering_attention"})
+    from .interp_merge import (  # noqa: F401
+        merge_tokens,
+        merge_tokens_backward,
+        token_recovering_interpolation,
+        token_recovering_interpolation_backward,
+    )
+
+    OPS = OPS | frozenset({"token_recovering_interpolation", "merge_tokens"})
