@@ -50,6 +50,8 @@ CPU_PREFERENCE = {
     "dpc_knn": ("cpu", "reference"),
     "gather_frames": ("cpu", "reference"),
     "token_recovering_attention": ("cpu", "reference"),
+    "token_recovering_interpolation": ("cpu", "reference"),
+    "merge_tokens": ("cpu", "reference"),
 }
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
