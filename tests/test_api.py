@@ -240,3 +240,12 @@ def test_compile_fullgraph_as_the_first_call_in_a_process():
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if hk.available_backends("cpu")[b] is None])
+def test_self_check_passes_on_every_backend_that_runs_here(backend):
+    # `hot-kernels check`: every op once against the reference, in the dtype the backend takes.
+    from hot_kernels import selfcheck
+
+    results = dict(selfcheck.run(backend, torch.device("cpu")))
+    assert results and all(v is None for v in results.values()), results
