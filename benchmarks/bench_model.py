@@ -1,8 +1,9 @@
 """Whole-model benchmark: forward and train-step time of the python/ example hourglass models
-(HourglassMixSTE, HourglassMotionBERT, published sizes) with and without hot_kernels, and the share
-of TPC + TRA in each.
+(HourglassMixSTE, HourglassMotionBERT, HourglassH2OT, published sizes) with and without hot_kernels,
+and the share of TPC + TRA in each (for H2OT: all its pruning stages + its recovery).
 
-    python benchmarks/bench_model.py                          # both models; B = 1, 2 on cpu; 1, 64 on cuda
+    python benchmarks/bench_model.py                          # mixste, motionbert; B = 1, 2 on cpu; 1, 64 on cuda
+    python benchmarks/bench_model.py --models h2ot            # hierarchical pruning 243 -> 121 -> 81 -> 27
     python benchmarks/bench_model.py --batch 1,4 --models mixste --out bench-out/model
     python benchmarks/bench_model.py --small                  # small models (seconds; a smoke test)
 
@@ -50,7 +51,20 @@ MODELS = {
                                                                 prune_after=2)),
     "motionbert": ("hourglass_motionbert", "HourglassMotionBERT", 3, dict(frames=27, keep=9, dim=64, heads=4,
                                                                           depth=3, prune_after=1, dim_rep=128)),
+    "h2ot": ("hourglass_h2ot", "HourglassH2OT", 2, dict(frames=27, keep=(15, 9, 5), prune_at=(1, 2, 3), dim=64,
+                                                         heads=4, depth=4)),
 }
+DEFAULT_MODELS = "mixste,motionbert"
+
+
+def pruners(model) -> list:
+    """The model's TPC modules: H2OT's stages, or the one ``tpc``."""
+    return list(model.tpc_stages) if hasattr(model, "tpc_stages") else [model.tpc]
+
+
+def recoverer(model):
+    """The module that recovers the full sequence: ``tra`` (TRA), or H2OT's ``interp``."""
+    return model.tra if hasattr(model, "tra") else model.interp
 
 
 def build(name: str, small: bool, device: torch.device, seed: int = 0):
@@ -68,24 +82,28 @@ def build(name: str, small: bool, device: torch.device, seed: int = 0):
 
 
 def capture(model, poses):
-    """The inputs of model.tpc and model.tra in one forward (pre-hooks), and the kept frames."""
-    seen = {}
-    hooks = [model.tpc.register_forward_pre_hook(lambda m, a: seen.__setitem__("tpc", a[0].detach())),
-             model.tra.register_forward_pre_hook(lambda m, a: seen.__setitem__("tra", a[0].detach()))]
+    """The inputs of every TPC stage (and the kept positions each returned) and of the recovery in
+    one forward (hooks), and the kept frames."""
+    seen = {"tpc": [], "tpc_index": []}
+    hooks = []
+    for m in pruners(model):
+        hooks.append(m.register_forward_pre_hook(lambda m, a: seen["tpc"].append(a[0].detach())))
+        hooks.append(m.register_forward_hook(lambda m, a, out: seen["tpc_index"].append(out[1])))
+    hooks.append(recoverer(model).register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("tra", tuple(t.detach() for t in a))))
     try:
         with torch.no_grad():
             out, index = model(poses, return_index=True)
     finally:
         for h in hooks:
             h.remove()
-    return seen["tpc"], seen["tra"], out, index
+    return seen, out, index
 
 
 def check_paths(models, poses) -> tuple[str, dict]:
     """Verdict on the hot_kernels path against the reference path, and the captured inputs."""
-    x_tpc, x_tra, out_hot, idx_hot = capture(models[True], poses)
-    _, _, out_ref, idx_ref = capture(models[False], poses)
-    f = idx_hot.shape[1]
+    seen, out_hot, idx_hot = capture(models[True], poses)
+    _, out_ref, idx_ref = capture(models[False], poses)
     if torch.equal(idx_hot, idx_ref):
         err = float((out_hot - out_ref).abs().max())
         scale = float(out_ref.abs().max())
@@ -93,25 +111,31 @@ def check_paths(models, poses) -> tuple[str, dict]:
             raise BC.CheckFailed(f"same kept frames but outputs differ by {err:.3g} (max |out| {scale:.3g})")
         verdict = f"same kept frames; outputs agree to {err:.1e}"
     else:
-        pooled = x_tpc.float().mean(2)
-        msgs = BC.selection_violations(pooled, idx_hot, f, models[True].tpc.k, models[True].tpc.center)
-        if msgs:
-            raise BC.CheckFailed("kept frames differ from the reference path beyond near-ties: " + "; ".join(msgs))
+        # Each stage's pick must be valid (up to near-ties) for the input that stage got.
+        for m, x_s, idx_s in zip(pruners(models[True]), seen["tpc"], seen["tpc_index"]):
+            msgs = BC.selection_violations(x_s.float().mean(2), idx_s, m.f, m.k, m.center)
+            if msgs:
+                raise BC.CheckFailed("kept frames differ from the reference path beyond near-ties: " + "; ".join(msgs))
         rows = int((idx_hot != idx_ref).any(-1).sum())
         verdict = f"kept frames differ at near-ties in {rows} of {idx_hot.shape[0]} rows (outputs not compared)"
-    return verdict, {"tpc": x_tpc, "tra": x_tra}
+    return verdict, seen
 
 
 def step_fns(model, poses, target, captured):
-    """{what: fn()} for the whole model and the two modules alone, forward and train."""
-    tpc_x, tra_x = captured["tpc"], captured["tra"]
+    """{what: fn()} for the whole model and the TPC stages / the recovery alone, forward and train."""
+    stages = pruners(model)
+    rec = recoverer(model)
+    tpc_xs, rec_args = captured["tpc"], captured["tra"]
     g = torch.Generator(device=poses.device).manual_seed(1)
-    f, C = model.tpc.f, tpc_x.shape[-1]
-    g_tpc = torch.randn(tpc_x.shape[0], f, tpc_x.shape[2], C, generator=g, device=poses.device, dtype=tpc_x.dtype)
-    g_tra = torch.randn(tra_x.shape[0], model.tra.length, C, generator=g, device=poses.device, dtype=tra_x.dtype)
-    tpc_in, tra_in = tpc_x.clone().requires_grad_(), tra_x.clone().requires_grad_()
-    tpc_params = [p for p in model.tpc.parameters() if p.requires_grad]
-    tra_params = [p for p in model.tra.parameters() if p.requires_grad]
+    g_tpc = [torch.randn(x.shape[0], m.f, *x.shape[2:], generator=g, device=poses.device, dtype=x.dtype)
+             for m, x in zip(stages, tpc_xs)]
+    with torch.no_grad():
+        rec_shape = rec(*rec_args).shape
+    g_rec = torch.randn(rec_shape, generator=g, device=poses.device, dtype=rec_args[0].dtype)
+    tpc_ins = [x.clone().requires_grad_() for x in tpc_xs]
+    rec_in = rec_args[0].clone().requires_grad_()
+    tpc_params = [[p for p in m.parameters() if p.requires_grad] for m in stages]
+    rec_params = [p for p in rec.parameters() if p.requires_grad]
 
     def model_forward():
         with torch.no_grad():
@@ -125,18 +149,17 @@ def step_fns(model, poses, target, captured):
 
     def tpc_forward():
         with torch.no_grad():
-            return model.tpc(tpc_x)
+            return [m(x) for m, x in zip(stages, tpc_xs)]
 
     def tpc_train():
-        kept, _ = model.tpc(tpc_in)
-        return torch.autograd.grad(kept, [tpc_in] + tpc_params, g_tpc)
+        return [torch.autograd.grad(m(x)[0], [x] + ps, gg) for m, x, ps, gg in zip(stages, tpc_ins, tpc_params, g_tpc)]
 
     def tra_forward():
         with torch.no_grad():
-            return model.tra(tra_x)
+            return rec(*rec_args)
 
     def tra_train():
-        return torch.autograd.grad(model.tra(tra_in), [tra_in] + tra_params, g_tra)
+        return torch.autograd.grad(rec(rec_in, *rec_args[1:]), [rec_in] + rec_params, g_rec)
 
     return {"model forward": model_forward, "model train step": model_train, "tpc forward": tpc_forward,
             "tpc train": tpc_train, "tra forward": tra_forward, "tra train": tra_train}
@@ -222,7 +245,7 @@ def _amp_call(amp, fn):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="mixste,motionbert", help="comma list of: " + ", ".join(MODELS))
+    p.add_argument("--models", default=DEFAULT_MODELS, help="comma list of: " + ", ".join(MODELS))
     p.add_argument("--batch", default=None, help="comma list of batch sizes (default: 1,2 on cpu; 1,64 on cuda)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     p.add_argument("--small", action="store_true", help="small models instead of the published sizes")

@@ -1,5 +1,5 @@
 """pytest-benchmark suite of the whole models (benchmarks/bench_model.py): forward and train step
-of HourglassMixSTE and HourglassMotionBERT (published sizes) with and without hot_kernels.
+of HourglassMixSTE, HourglassMotionBERT and HourglassH2OT (published sizes) with and without hot_kernels.
 
 Batch sizes: ``--bench-model-batch`` (default 1 on cpu; 1,64 on cuda). The two paths are checked
 against each other first (kept frames equal or near-ties only; outputs equal where they agree).

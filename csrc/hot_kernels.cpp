@@ -19,12 +19,12 @@ namespace {
 std::vector<std::string> ops_for_device(const std::string& device) {
   if (device == "cpu") {
     return {"pairwise_distance", "knn_density", "dpc_delta", "topf_select", "dpc_knn", "gather_frames",
-            "token_recovering_attention"};
+            "token_recovering_attention", "token_recovering_interpolation", "merge_tokens"};
   }
   if (device == "cuda") {
 #ifdef HOT_KERNELS_WITH_CUDA
     return {"cuda_iota", "pairwise_distance", "knn_density", "dpc_delta", "topf_select", "dpc_knn", "gather_frames",
-            "token_recovering_attention"};
+            "token_recovering_attention", "token_recovering_interpolation", "merge_tokens"};
 #endif
   }
   return {};
@@ -112,12 +112,18 @@ std::vector<at::Tensor> token_recovering_attention(
     const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
     const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
     const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
-    int64_t num_heads, double scale, bool residual) {
+    int64_t num_heads, double scale, bool residual, bool keep) {
   if (x.is_cpu())
-    return token_recovering_attention_cpu(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+    return token_recovering_attention_cpu(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual,
+                                          keep);
 #ifdef HOT_KERNELS_WITH_CUDA
-  if (x.is_cuda())
-    return token_recovering_attention_cuda(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+  if (x.is_cuda()) {
+    // The CUDA backward recomputes what it needs from lse: nothing more is kept.
+    auto out = token_recovering_attention_cuda(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual);
+    out.push_back(at::empty({0}, x.options()));
+    out.push_back(at::empty({0}, x.options()));
+    return out;
+  }
 #endif
   fail_device("token_recovering_attention", x);
 }
@@ -126,10 +132,10 @@ std::vector<at::Tensor> token_recovering_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
-    bool residual) {
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, const at::Tensor& kv, const at::Tensor& o,
+    int64_t num_heads, double scale, bool residual) {
   if (x.is_cpu())
-    return token_recovering_attention_backward_cpu(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse,
+    return token_recovering_attention_backward_cpu(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o,
                                                    num_heads, scale, residual);
 #ifdef HOT_KERNELS_WITH_CUDA
   if (x.is_cuda())
@@ -137,6 +143,43 @@ std::vector<at::Tensor> token_recovering_attention_backward(
                                                     num_heads, scale, residual);
 #endif
   fail_device("token_recovering_attention_backward", x);
+}
+
+at::Tensor token_recovering_interpolation(const at::Tensor& x, const at::Tensor& index, int64_t num_frames) {
+  if (x.is_cpu()) return token_recovering_interpolation_cpu(x, index, num_frames);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return token_recovering_interpolation_cuda(x, index, num_frames);
+#endif
+  fail_device("token_recovering_interpolation", x);
+}
+
+at::Tensor token_recovering_interpolation_backward(const at::Tensor& grad, const at::Tensor& index, int64_t f) {
+  if (grad.is_cpu()) return token_recovering_interpolation_backward_cpu(grad, index, f);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (grad.is_cuda()) return token_recovering_interpolation_backward_cuda(grad, index, f);
+#endif
+  fail_device("token_recovering_interpolation_backward", grad);
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_tokens(const at::Tensor& x, const at::Tensor& assignment, int64_t f,
+                                                const std::optional<at::Tensor>& weight) {
+  if (x.is_cpu()) return merge_tokens_cpu(x, assignment, f, weight);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return merge_tokens_cuda(x, assignment, f, weight);
+#endif
+  fail_device("merge_tokens", x);
+}
+
+std::tuple<at::Tensor, at::Tensor> merge_tokens_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                         const at::Tensor& assignment,
+                                                         const std::optional<at::Tensor>& weight,
+                                                         const at::Tensor& out, const at::Tensor& wsum,
+                                                         bool weight_grad) {
+  if (x.is_cpu()) return merge_tokens_backward_cpu(grad, x, assignment, weight, out, wsum, weight_grad);
+#ifdef HOT_KERNELS_WITH_CUDA
+  if (x.is_cuda()) return merge_tokens_backward_cuda(grad, x, assignment, weight, out, wsum, weight_grad);
+#endif
+  fail_device("merge_tokens_backward", x);
 }
 
 #ifdef HOT_KERNELS_WITH_CUDA
@@ -168,6 +211,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_frames_backward", &hk::gather_frames_backward);
   m.def("token_recovering_attention", &hk::token_recovering_attention);
   m.def("token_recovering_attention_backward", &hk::token_recovering_attention_backward);
+  m.def("token_recovering_interpolation", &hk::token_recovering_interpolation);
+  m.def("token_recovering_interpolation_backward", &hk::token_recovering_interpolation_backward);
+  m.def("merge_tokens", &hk::merge_tokens);
+  m.def("merge_tokens_backward", &hk::merge_tokens_backward);
 #ifdef HOT_KERNELS_WITH_CUDA
   m.def("cuda_iota", &hk::cuda_iota_entry);
   m.attr("with_cuda") = true;

@@ -59,20 +59,42 @@ std::tuple<at::Tensor, at::Tensor> gather_frames_backward_cpu(const at::Tensor& 
                                                              int64_t num_frames, int64_t pos_batch);
 
 // Token recovering attention. query (1 or S, L, C), x (S, M, C), weights (C, C), biases (C) or none.
-// Returns {out (S, L, C), lse (S, H, L) float32/float64}: what the backward needs besides the inputs.
+// Returns {out (S, L, C), lse (S, H, L) float32/float64, kv, o}: what the backward needs besides the
+// inputs. With keep, kv (S*M, 2C) = [K | V] and o (S*L, C) (the attention output before the output
+// projection, heads interleaved) in the compute dtype are kept so the backward need not recompute
+// them; without, both are empty tensors.
 std::vector<at::Tensor> token_recovering_attention_cpu(
     const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual);
+    const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual, bool keep);
 // Returns {d_query (shape of query: summed over S when shared), d_x, d_wq, d_bq, d_wk, d_bk, d_wv,
-// d_bv, d_wo, d_bo}; a bias gradient is an empty tensor when that bias is none.
+// d_bv, d_wo, d_bo}; a bias gradient is an empty tensor when that bias is none. kv and o: the
+// forward's kept tensors, or empty tensors (then recomputed).
 std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
-    bool residual);
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, const at::Tensor& kv, const at::Tensor& o,
+    int64_t num_heads, double scale, bool residual);
+
+// token_recovering_interpolation (csrc/cpu/interp_merge.cpp): x (B, f, C) or (B, f, J, C) kept frames,
+// index (B, f) int64 ascending -> (B, F, [J,] C): frame t linearly interpolated between the kept frames
+// around it (frames before the first / after the last kept one copy it). Backward -> grad_x (B, f, ...):
+// each kept frame gathers its weighted share of the output gradients (deterministic, no atomics).
+at::Tensor token_recovering_interpolation_cpu(const at::Tensor& x, const at::Tensor& index, int64_t num_frames);
+at::Tensor token_recovering_interpolation_backward_cpu(const at::Tensor& grad, const at::Tensor& index, int64_t f);
+// merge_tokens: x (B, N, C), assignment (B, N) int64 in [0, f), f clusters, weight (B, N) or none ->
+// (out (B, f, C) = each cluster's weighted mean, 0 for a cluster whose weights sum to 0; wsum (B, f) the
+// weight sums, float32 (float64 for float64 x)). Backward -> (grad_x (B, N, C), grad_weight (B, N), or
+// (0, 0) when weight_grad is false).
+std::tuple<at::Tensor, at::Tensor> merge_tokens_cpu(const at::Tensor& x, const at::Tensor& assignment, int64_t f,
+                                                    const std::optional<at::Tensor>& weight);
+std::tuple<at::Tensor, at::Tensor> merge_tokens_backward_cpu(const at::Tensor& grad, const at::Tensor& x,
+                                                             const at::Tensor& assignment,
+                                                             const std::optional<at::Tensor>& weight,
+                                                             const at::Tensor& out, const at::Tensor& wsum,
+                                                             bool weight_grad);
 
 // Instruction-set path of the CPU row kernels (csrc/cpu/cpu_isa.cpp): "avx512", "avx2" or
 // "generic". cpu_isas_supported(): the paths this CPU runs, best first; set_cpu_isa returns the
@@ -124,6 +146,18 @@ std::vector<at::Tensor> token_recovering_attention_backward_cuda(
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
     const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale,
     bool residual);
+// token_recovering_interpolation and merge_tokens on CUDA tensors (csrc/cuda/interp_merge.cu): same
+// signatures and results as the *_cpu entry points; float16/bfloat16/float32, float32 accumulation,
+// deterministic (gathers, no atomics), no host synchronisation.
+at::Tensor token_recovering_interpolation_cuda(const at::Tensor& x, const at::Tensor& index, int64_t num_frames);
+at::Tensor token_recovering_interpolation_backward_cuda(const at::Tensor& grad, const at::Tensor& index, int64_t f);
+std::tuple<at::Tensor, at::Tensor> merge_tokens_cuda(const at::Tensor& x, const at::Tensor& assignment, int64_t f,
+                                                     const std::optional<at::Tensor>& weight);
+std::tuple<at::Tensor, at::Tensor> merge_tokens_backward_cuda(const at::Tensor& grad, const at::Tensor& x,
+                                                              const at::Tensor& assignment,
+                                                              const std::optional<at::Tensor>& weight,
+                                                              const at::Tensor& out, const at::Tensor& wsum,
+                                                              bool weight_grad);
 #endif
 
 }  // namespace hot_kernels

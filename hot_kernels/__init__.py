@@ -2,8 +2,10 @@
 
 Token pruning by density-peaks clustering (``dpc_knn``, ``token_pruning_cluster`` and their parts
 ``pairwise_distance``, ``knn_density``, ``dpc_delta``, ``topf_select``) and token recovering
-attention (``token_recovering_attention``), on the ``reference`` (PyTorch), ``cpu`` (C++),
-``cuda`` and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
+attention (``token_recovering_attention``), plus interpolation recovery
+(``token_recovering_interpolation``), cluster token merging (``merge_tokens``) and
+``compose_indices`` (hierarchical pruning), on the ``reference`` (PyTorch), ``cpu`` (C++), ``cuda``
+and ``triton`` backends. See README.md and DESIGN.md for the exact semantics.
 """
 from . import _ops  # noqa: F401  (registers the torch.library ops)
 from . import compat, nn, patch, reference
@@ -18,12 +20,15 @@ from ._dispatch import (
 )
 from ._validate import HotKernelsInputError
 from .functional import (
+    compose_indices,
     dpc_delta,
     dpc_knn,
     knn_density,
+    merge_tokens,
     pairwise_distance,
     token_pruning_cluster,
     token_recovering_attention,
+    token_recovering_interpolation,
     topf_select,
 )
 from .version import __version__
@@ -35,6 +40,7 @@ __all__ = [
     "__version__",
     "available_backends",
     "compat",
+    "compose_indices",
     "cpu_isa",
     "nn",
     "patch",
@@ -45,6 +51,8 @@ __all__ = [
     "reference",
     "token_pruning_cluster",
     "token_recovering_attention",
+    "token_recovering_interpolation",
+    "merge_tokens",
     "topf_select",
     "supported_cpu_isas",
     "use_backend",

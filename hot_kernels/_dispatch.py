@@ -33,8 +33,26 @@ CUDA_PREFERENCE = {
     "dpc_knn": ("triton", "cuda", "reference"),
     "gather_frames": ("triton", "cuda", "reference"),
     "token_recovering_attention": ("triton", "cuda", "reference"),
+    "token_recovering_interpolation": ("triton", "cuda", "reference"),
+    "merge_tokens": ("triton", "cuda", "reference"),
 }
-CPU_PREFERENCE = ("cpu", "reference")
+# Default backend order on CPU tensors, per op: measured. `hot-kernels bench` (fp32, 2 threads, every
+# default shape, forward and forward+backward) on an AMD EPYC Zen 4 and a Zen 5 (AVX-512, and the
+# avx2 path forced), benchmarks/results/cpu-amd-epyc-2026-12-02/: the cpu backend is faster than
+# reference at every shape of every op (the reference TRA materialises the (L, M) probabilities),
+# so cpu comes first everywhere. An op whose cpu kernel lost to reference at a default shape would
+# list reference first here.
+CPU_PREFERENCE = {
+    "pairwise_distance": ("cpu", "reference"),
+    "knn_density": ("cpu", "reference"),
+    "dpc_delta": ("cpu", "reference"),
+    "topf_select": ("cpu", "reference"),
+    "dpc_knn": ("cpu", "reference"),
+    "gather_frames": ("cpu", "reference"),
+    "token_recovering_attention": ("cpu", "reference"),
+    "token_recovering_interpolation": ("cpu", "reference"),
+    "merge_tokens": ("cpu", "reference"),
+}
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -196,7 +214,7 @@ def resolve(op: str, t: torch.Tensor, backend: str | None = None, k: int | None 
         if why is not None:
             raise BackendUnavailableError(f"hot_kernels.{op}: backend {name!r} (asked for by {where}) cannot run this call: {why}")
         return name
-    preference = CUDA_PREFERENCE[op] if t.device.type == "cuda" else CPU_PREFERENCE
+    preference = (CUDA_PREFERENCE if t.device.type == "cuda" else CPU_PREFERENCE)[op]
     reasons = []
     for candidate in preference + ("reference",):
         why = refusal(candidate, op, t.device, t.dtype, k)

@@ -248,3 +248,95 @@ def outputs(op: str, *, values=(), log_values=(), indices=()) -> None:
             srt = t.sort(dim=-1).values
             if bool((srt[..., 1:] == srt[..., :-1]).any()):
                 fail(op, f"output {name} repeats a value within a row (HOT_KERNELS_DEBUG=1 check)")
+
+
+# ---- token_recovering_interpolation and merge_tokens ------------------------------------------------
+
+
+def index_tensor(op: str, name: str, t, shape: tuple, dims: str) -> torch.Tensor:
+    """An integer (not bool) tensor of exactly ``shape`` (axes named by ``dims``) -> contiguous int64."""
+    if not isinstance(t, torch.Tensor):
+        fail(op, f"{name} must be an int64 tensor of shape {dims} = {shape}, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        fail(op, f"{name} must be an integer (int64) tensor, got {t.dtype}")
+    if tuple(t.shape) != tuple(shape):
+        fail(op, f"{name} must have shape {dims} = {tuple(shape)}, got {_shape(t)}")
+    return t.to(torch.long).contiguous()
+
+
+def _values_checked(t: torch.Tensor) -> bool:
+    """Values of index-like inputs are read on CPU tensors (cheap, no sync) and, under
+    HOT_KERNELS_DEBUG=1, on any device, in eager calls; on a GPU and inside torch.compile they are
+    otherwise trusted (the kernels stay in bounds whatever they hold, with unspecified values)."""
+    if t.numel() == 0 or t.device.type == "meta" or torch.compiler.is_compiling():
+        return False  # (a value check inside a compiled graph would break it: eager calls check)
+    return t.device.type == "cpu" or debug_enabled()
+
+
+def interpolation_inputs(op: str, x_kept, index, num_frames):
+    """x_kept (B, f, C) or (B, f, J, C), index (B, f) strictly ascending in [0, F), F an int >= f.
+    Returns (x_kept, index as contiguous int64, F)."""
+    if not isinstance(x_kept, torch.Tensor) or x_kept.dim() not in (3, 4):
+        got = f"shape {_shape(x_kept)}" if isinstance(x_kept, torch.Tensor) else type(x_kept).__name__
+        fail(op, f"x_kept must be a (B, f, C) or (B, f, J, C) tensor, got {got}")
+    tensor(op, "x_kept", x_kept, "(B, f, [J,] C)", ndim=x_kept.dim())
+    B, f = x_kept.shape[:2]
+    if f == 0 or any(s == 0 for s in x_kept.shape[2:]):
+        fail(op, f"x_kept must have at least one kept frame and J, C >= 1, got shape {_shape(x_kept)}")
+    index = index_tensor(op, "index", index, (B, f), "(B, f)")
+    same_device(op, "x_kept", x_kept, index=index)
+    num_frames = integer(op, "F", num_frames, f, 2 ** 31 - 1, f" (frames to recover; at least the f = {f} kept)")
+    if _values_checked(index):
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= num_frames:
+            fail(op, f"index values must be frame indices in [0, {num_frames - 1}] (F = {num_frames}), got values "
+                     f"in [{lo}, {hi}]")
+        if f > 1 and not bool((index[:, 1:] > index[:, :-1]).all()):
+            row = int((index[:, 1:] <= index[:, :-1]).any(1).nonzero()[0])
+            fail(op, f"index rows must be strictly ascending (kept frames in temporal order, as dpc_knn / "
+                     f"token_pruning_cluster return them), row {row} is {index[row, :12].tolist()}"
+                     f"{' ...' if f > 12 else ''}")
+    return x_kept, index, num_frames
+
+
+def merge_inputs(op: str, x, index, assignment, weight, num_clusters=None):
+    """x (B, N, C); index (B, f) kept tokens in [0, N); assignment (B, N) in [0, f) with each kept
+    token in its own cluster (assignment[b, index[b, p]] == p); weight (B, N) of x's dtype or None.
+    With index None, f = num_clusters and the own-cluster check is skipped (compat.merge_tokens).
+    Returns (x, index, assignment, weight, f) with the integer tensors contiguous int64."""
+    x = points(op, x)
+    B, N, _ = x.shape
+    if index is None:
+        f = integer(op, "cluster_num", num_clusters, 1, N, f" (clusters of the N = {N} tokens)")
+    else:
+        if not isinstance(index, torch.Tensor) or index.dim() != 2:
+            got = f"shape {_shape(index)}" if isinstance(index, torch.Tensor) else type(index).__name__
+            fail(op, f"index must be a (B, f) int64 tensor of kept token indices, got {got}")
+        f = index.shape[1]
+        index = index_tensor(op, "index", index, (B, f), "(B, f)")
+        if not 1 <= f <= N:
+            fail(op, f"index must keep f in [1, {N}] tokens (of N = {N}), got f = {f}")
+        same_device(op, "x", x, index=index)
+    assignment = index_tensor(op, "assignment", assignment, (B, N), "(B, N)")
+    same_device(op, "x", x, assignment=assignment)
+    if weight is not None:
+        tensor(op, "weight", weight, "(B, N)", ndim=2)
+        if tuple(weight.shape) != (B, N):
+            fail(op, f"weight must have shape (B, N) = ({B}, {N}), got {_shape(weight)}")
+        if weight.dtype != x.dtype:
+            fail(op, f"weight is {weight.dtype} but x is {x.dtype}; both must have one dtype")
+        same_device(op, "x", x, weight=weight)
+    if _values_checked(assignment):
+        lo, hi = int(assignment.min()), int(assignment.max())
+        if lo < 0 or hi >= f:
+            fail(op, f"assignment values must be cluster positions in [0, {f - 1}] (positions in index), got "
+                     f"values in [{lo}, {hi}]")
+        if index is not None:
+            lo, hi = int(index.min()), int(index.max())
+            if lo < 0 or hi >= N:
+                fail(op, f"index values must be token indices in [0, {N - 1}], got values in [{lo}, {hi}]")
+            own = assignment.gather(1, index)
+            if not bool((own == torch.arange(f, device=own.device)).all()):
+                fail(op, "each kept token must be in its own cluster (assignment[b, index[b, p]] == p, as dpc_knn's "
+                         "return_assignment gives it)")
+    return x, index, assignment, weight, f

@@ -13,6 +13,10 @@ Ops (``Case.op``) and their shape parameters:
 * ``token_recovering_attention``: query (1, L, C) shared, x (S, M, C) with S = B * J sequences,
   ``heads`` heads; the published module's parameters (no q/k/v biases, a projection bias);
   ``mode`` "forward" or "forward+backward" (gradients of every input).
+* ``token_recovering_interpolation``: x_kept (B, f, J, C), index (B, f) ascending -> (B, N, J, C);
+  ``mode`` as TRA (the gradient of x_kept).
+* ``merge_tokens``: x (B, N, C), the f kept tokens and assignment of dpc_knn on x, weight (B, N)
+  -> (B, f, C); ``mode`` as TRA (gradients of x and weight).
 
 Candidates: ``reference`` (hot_kernels.reference, the published eager code path, called
 directly: no validation or dispatch), ``torch.compile(reference)``, for TRA ``sdpa`` (the same
@@ -40,18 +44,25 @@ from . import functional as hk
 from . import reference as R
 
 __all__ = [
-    "OPS", "OP_ALIASES", "BASELINES", "HOT_BACKENDS", "PUBLISHED", "Case", "CaseInputs", "Candidate",
+    "OPS", "EXTRA_OPS", "OP_ALIASES", "BASELINES", "HOT_BACKENDS", "PUBLISHED", "Case", "CaseInputs", "Candidate",
     "CheckFailed", "default_cases", "target_cases", "sweep_cases", "candidates", "make_inputs", "check_output",
     "selection_violations", "flop_model", "byte_model", "TARGETS",
 ]
 
+# OPS: what a run times by default (HoT's two operations); EXTRA_OPS run when asked for (--ops).
 OPS = ("dpc_knn", "token_pruning_cluster", "token_recovering_attention")
+EXTRA_OPS = ("token_recovering_interpolation", "merge_tokens")
 OP_ALIASES = {
     "dpc_knn": "dpc_knn", "dpc": "dpc_knn",
     "token_pruning_cluster": "token_pruning_cluster", "tpc": "token_pruning_cluster",
     "token_recovering_attention": "token_recovering_attention", "tra": "token_recovering_attention",
+    "token_recovering_interpolation": "token_recovering_interpolation", "interp": "token_recovering_interpolation",
+    "merge_tokens": "merge_tokens", "merge": "merge_tokens",
 }
-SHORT = {"dpc_knn": "dpc_knn", "token_pruning_cluster": "TPC", "token_recovering_attention": "TRA"}
+SHORT = {"dpc_knn": "dpc_knn", "token_pruning_cluster": "TPC", "token_recovering_attention": "TRA",
+         "token_recovering_interpolation": "interp", "merge_tokens": "merge"}
+# Ops with a "forward+backward" mode (the others are selections, forward only).
+DIFFERENTIABLE = ("token_recovering_attention", "token_recovering_interpolation", "merge_tokens")
 COMPILED = "torch.compile(reference)"
 BASELINES = ("reference", COMPILED, "sdpa")  # sdpa: TRA only
 HOT_BACKENDS = ("cpu", "cuda", "triton")
@@ -115,11 +126,13 @@ class Case:
         p = self.p
         keys = {"dpc_knn": ("B", "N", "C", "f", "k", "center"),
                 "token_pruning_cluster": ("B", "N", "J", "C", "f", "k", "center"),
-                "token_recovering_attention": ("B", "S", "L", "M", "C", "heads")}[self.op]
+                "token_recovering_attention": ("B", "S", "L", "M", "C", "heads"),
+                "token_recovering_interpolation": ("B", "N", "J", "C", "f"),
+                "merge_tokens": ("B", "N", "C", "f")}[self.op]
         return " ".join(f"{k}={p[k]}" for k in keys if p.get(k) is not None)
 
     def title(self) -> str:
-        mode = f" {self.mode}" if self.op == "token_recovering_attention" else ""
+        mode = f" {self.mode}" if self.op in DIFFERENTIABLE else ""
         return f"{SHORT[self.op]}{mode} {self.model} {self.shape_str()} {self.dtype}"
 
 
@@ -147,6 +160,22 @@ def _tra(pub: Published, B: int, dtype: str, mode: str, N: int | None = None, C:
     M = pub.f if N == pub.N else max(1, round(N * pub.f / pub.N))
     return _case("token_recovering_attention", pub.name, dtype, mode, B=B, S=JOINTS * B, L=N, M=M, C=C or pub.C,
                  heads=pub.heads)
+
+
+def _interp(pub: Published, B: int, dtype: str, mode: str, N: int | None = None, C: int | None = None):
+    N = N or pub.N
+    f = pub.f if N == pub.N else max(1, round(N * pub.f / pub.N))
+    return _case("token_recovering_interpolation", pub.name, dtype, mode, B=B, N=N, J=JOINTS, C=C or pub.C, f=f)
+
+
+def _merge(pub: Published, B: int, dtype: str, mode: str, N: int | None = None, C: int | None = None):
+    N = N or pub.N
+    f = pub.f if N == pub.N else max(1, round(N * pub.f / pub.N))
+    return _case("merge_tokens", pub.name, dtype, mode, B=B, N=N, C=C or pub.C, f=f)
+
+
+_DENSE = {"token_recovering_interpolation": _interp, "merge_tokens": _merge}
+MODES = ("forward", "forward+backward")
 
 
 def _default_dtypes(op: str, device_type: str) -> tuple[str, ...]:
@@ -180,6 +209,10 @@ def default_cases(device_type: str, ops=OPS, dtypes=None, quick: bool = False) -
                 elif op == "token_recovering_attention" and pub.heads:
                     cases += [_tra(pub, B, dtype, mode) for mode in ("forward", "forward+backward")
                               for B in tra_batches]
+                elif op == "token_recovering_interpolation" and pub.joints and pub.center is None:
+                    cases += [_interp(pub, B, dtype, mode) for mode in MODES for B in tpc_batches]
+                elif op == "merge_tokens":
+                    cases += [_merge(pub, B, dtype, mode) for mode in MODES for B in batches]
             if op == "dpc_knn" and gpu and not quick:
                 mix = _BY_NAME["HoT-MixSTE"]
                 cases += [_dpc(mix, 4, dtype, N=16384, f=4096), _dpc(mix, 1, dtype, N=65536, f=16384)]
@@ -212,6 +245,8 @@ def sweep_cases(device_type: str, sweeps: dict[str, list[int]], ops=OPS, dtypes=
                     cases.append(_dpc(pub, B, dtype, N=N, C=C))
                 elif op == "token_pruning_cluster":
                     cases.append(_tpc(pub, B, dtype, N=N, C=C))
+                elif op in _DENSE:
+                    cases += [_DENSE[op](pub, B, dtype, mode, N=N, C=C) for mode in MODES]
                 else:
                     cases += [_tra(pub, B, dtype, mode, N=N, C=C) for mode in ("forward", "forward+backward")]
     return cases
@@ -241,6 +276,12 @@ def flop_model(case: Case) -> int:
     p = case.p
     if case.op in ("dpc_knn", "token_pruning_cluster"):
         return 2 * p["B"] * p["N"] ** 2 * p["C"]
+    if case.op == "token_recovering_interpolation":  # (1 - w) a + w c per output value; backward the same
+        fwd = 3 * p["B"] * p["N"] * p["J"] * p["C"]
+        return fwd if case.mode == "forward" else 2 * fwd
+    if case.op == "merge_tokens":  # w x summed per token, one scale per cluster; backward ~2x
+        fwd = 2 * p["B"] * p["N"] * p["C"] + p["B"] * p["f"] * p["C"]
+        return fwd if case.mode == "forward" else 3 * fwd
     S, L, M, C = p["S"], p["L"], p["M"], p["C"]
     fwd = 2 * L * C * C + 4 * S * M * C * C + 4 * S * L * M * C + 2 * S * L * C * C
     return fwd if case.mode == "forward" else 3 * fwd
@@ -253,6 +294,12 @@ def byte_model(case: Case) -> int:
         return p["B"] * p["N"] * p["C"] * e + 8 * p["B"] * p["f"]
     if case.op == "token_pruning_cluster":
         return (p["B"] * p["N"] * p["J"] * p["C"] + p["f"] * p["C"] + p["B"] * p["f"] * p["J"] * p["C"]) * e
+    if case.op == "token_recovering_interpolation":  # kept frames in, full clip out (backward: reversed)
+        fwd = (p["B"] * p["f"] * p["J"] * p["C"] + p["B"] * p["N"] * p["J"] * p["C"]) * e + 8 * p["B"] * p["f"]
+        return fwd if case.mode == "forward" else 2 * fwd
+    if case.op == "merge_tokens":  # x, weight, assignment in, merged out (backward: grad in, grad_x out, x again)
+        fwd = (p["B"] * p["N"] * (p["C"] + 1) + p["B"] * p["f"] * p["C"]) * e + 8 * p["B"] * p["N"]
+        return fwd if case.mode == "forward" else 3 * fwd
     S, L, M, C = p["S"], p["L"], p["M"], p["C"]
     fwd = (L * C + S * M * C + 4 * C * C + C + S * L * C) * e
     return fwd if case.mode == "forward" else 3 * fwd
@@ -293,6 +340,8 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> CaseInputs:
         g = torch.Generator(device=device).manual_seed(seed + 1)
         pos = (0.1 * torch.randn(1, p["f"], p["C"], generator=g, device=device)).to(dt)
         return CaseInputs((x, pos))
+    if case.op in _DENSE:
+        return _dense_inputs(case, device, seed)
     S, L, M, C = p["S"], p["L"], p["M"], p["C"]
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -306,6 +355,28 @@ def make_inputs(case: Case, device: torch.device, seed: int = 0) -> CaseInputs:
     grad_out = None
     if case.mode != "forward":
         grad_out = torch.randn(S, L, C, generator=g, device=device).to(dt)
+    return CaseInputs(args, grad_out=grad_out)
+
+
+def _dense_inputs(case: Case, device: torch.device, seed: int) -> CaseInputs:
+    """interp: (x_kept (B, f, J, C), index (B, f): dpc_knn's pick of a smooth clip); merge: (x (B, N, C),
+    index, assignment from dpc_knn on x, weight (B, N) in [0.1, 1.1))."""
+    p, dt = case.p, case.torch_dtype
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    train = case.mode != "forward"
+    if case.op == "token_recovering_interpolation":
+        clip = _smooth((p["B"], p["N"], p["C"]), seed, device, torch.float32)
+        index = R.dpc_knn(clip, p["f"], 2)
+        x = _smooth((p["B"], p["f"], p["J"] * p["C"]), seed + 2, device, dt).view(p["B"], p["f"], p["J"], p["C"])
+        args = (x.requires_grad_(train), index)
+        out_shape = (p["B"], p["N"], p["J"], p["C"])
+    else:
+        x = _smooth((p["B"], p["N"], p["C"]), seed, device, dt)
+        index, assignment = R.dpc_knn(x.float(), p["f"], 2, return_assignment=True)
+        weight = (torch.rand(p["B"], p["N"], generator=g, device=device) + 0.1).to(dt)
+        args = (x.requires_grad_(train), index, assignment, weight.requires_grad_(train))
+        out_shape = (p["B"], p["f"], p["C"])
+    grad_out = torch.randn(out_shape, generator=g, device=device).to(dt) if train else None
     return CaseInputs(args, grad_out=grad_out)
 
 
@@ -360,6 +431,14 @@ def _op_function(case: Case, backend: str | None) -> Callable:
         if backend is None:
             return lambda x, pos: R.token_pruning_cluster(x, p["f"], p["k"], p["center"], pos)
         return lambda x, pos: hk.token_pruning_cluster(x, p["f"], p["k"], p["center"], pos, backend=backend)
+    if case.op == "token_recovering_interpolation":
+        if backend is None:
+            return lambda x, index: R.token_recovering_interpolation(x, index, p["N"])
+        return lambda x, index: hk.token_recovering_interpolation(x, index, p["N"], backend=backend)
+    if case.op == "merge_tokens":
+        if backend is None:
+            return lambda x, index, assignment, w: R.merge_tokens(x, index, assignment, w)
+        return lambda x, index, assignment, w: hk.merge_tokens(x, index, assignment, w, backend=backend)
     heads = p["heads"]
     if backend is None:
         return lambda *a: R.token_recovering_attention(*a, num_heads=heads)
@@ -399,7 +478,7 @@ def _refusal(backend: str, case: Case, device: torch.device) -> str | None:
         why = (_dispatch.refusal(backend, "dpc_knn", device, dt, case.p["k"])
                or _dispatch.refusal(backend, "gather_frames", device, dt))
     else:
-        why = _dispatch.refusal(backend, "token_recovering_attention", device, dt)
+        why = _dispatch.refusal(backend, case.op, device, dt)
     if backend == "triton" and device.type == "cpu" and (why is None or "TRITON_INTERPRET" in why):
         why = TRITON_ON_CPU
     return why
@@ -526,6 +605,8 @@ def check_output(case: Case, label: str, inputs: CaseInputs, out, ref_out) -> st
             err = (kept.float() - want.float()).abs().max().item()
             raise CheckFailed(f"x_kept differs from x gathered at the kept frames + pos_embed by up to {err:.3g}")
         return verdict
+    if case.op in _DENSE:
+        return _check_dense(case, label, inputs, out)
     return _check_tra(case, label, inputs, out)
 
 
@@ -596,6 +677,39 @@ def _tra_oracle(case: Case, inputs: CaseInputs, budget_bytes: int | None = None)
     if grads is not None:
         inputs.oracle["grads"] = grads
     return inputs.oracle
+
+
+def _check_dense(case: Case, label: str, inputs: CaseInputs, out) -> str:
+    """interp / merge: output (and gradients) against the reference on float64 copies of the inputs,
+    by relative error, within TRA's floors (or 4x the reference's own error in the dtype)."""
+    if not inputs.oracle:
+        args64 = tuple(a.detach().double().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor)
+                       and a.is_floating_point() else a for a in inputs.args)
+        fn = _op_function(case, None)
+        if case.mode == "forward":
+            inputs.oracle["out"] = fn(*args64).detach()
+        else:
+            o = fn(*args64)
+            leaves = [a for a in args64 if isinstance(a, torch.Tensor) and a.requires_grad]
+            inputs.oracle["out"] = o.detach()
+            inputs.oracle["grads"] = torch.autograd.grad(o, leaves, inputs.grad_out.double())
+    tol = TRA_TOLERANCE[case.dtype]
+    pairs = [("output", "forward", out if case.mode == "forward" else out[0], inputs.oracle["out"])]
+    if case.mode != "forward":
+        pairs += [(f"grad {i}", "backward", g, w) for i, (g, w) in enumerate(zip(out[1], inputs.oracle["grads"]))]
+    errs = {}
+    for name, _, got, want in pairs:
+        if got.shape != want.shape:
+            raise CheckFailed(f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}")
+        errs[name] = _rel_err(got, want)
+    if label == "reference":
+        inputs.oracle["ref_errs"] = errs
+    ref_errs = inputs.oracle.get("ref_errs", {})
+    for name, kind, _, _ in pairs:
+        limit = max(tol[kind], REF_ERROR_FACTOR * ref_errs.get(name, 0.0))
+        if not errs[name] <= limit:
+            raise CheckFailed(f"{name}: relative error {errs[name]:.2e} vs float64 > {limit:.1e}")
+    return f"rel. err {max(errs.values()):.1e} vs float64"
 
 
 def _check_tra(case: Case, label: str, inputs: CaseInputs, out) -> str:

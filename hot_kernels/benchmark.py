@@ -822,7 +822,7 @@ def _plot_sweep(plt, series: dict):
             if rs and backend != "reference":
                 bottom.plot([p[0] for p in rs], [p[1] for p in rs], "o-", label=backend, color=color, ms=4)
         fx = " ".join(f"{k}={v}" for k, v in fixed)
-        mode_s = f" {mode}" if op == "token_recovering_attention" else ""
+        mode_s = f" {mode}" if op in BC.DIFFERENTIABLE else ""
         top.set_title(f"{BC.SHORT[op]}{mode_s} {model} {dtype} {fx}".strip(), fontsize=9)
         top.set_xscale("log")
         top.set_yscale("log")
@@ -901,7 +901,7 @@ def _plot_bars(plt, records: list[Record]):
             ax_t.set_xlim(min(times) / 4, max(times) * 4)
         if ratios:
             ax_r.set_xlim(min(0.5, min(ratios) / 2.5), max(2.0, max(ratios) * 2.5))
-        mode_s = f" {mode}" if op == "token_recovering_attention" else ""
+        mode_s = f" {mode}" if op in BC.DIFFERENTIABLE else ""
         ax_t.set_title(f"{BC.SHORT[op]}{mode_s}: median time (ms)", fontsize=9)
         ax_r.set_title(f"{BC.SHORT[op]}{mode_s}: speed-up vs reference (x; > 1 is faster)", fontsize=9)
         ax_r.axvline(1.0, color="#7f7f7f", lw=1, ls="--")

@@ -176,9 +176,10 @@ def _add_bench_parser(sub) -> argparse.ArgumentParser:
                "  hot-kernels bench --ops tra --dtype bf16 --backends triton,cuda\n"
                "  hot-kernels bench --list                        show the cases, run nothing")
     p.add_argument("--ops", type=_comma_list("op", BC.OP_ALIASES, "dpc_knn (dpc), token_pruning_cluster (tpc), "
-                                             "token_recovering_attention (tra)"),
-                   help="comma list (default: all three): dpc_knn|dpc, token_pruning_cluster|tpc, "
-                        "token_recovering_attention|tra")
+                                             "token_recovering_attention (tra), token_recovering_interpolation "
+                                             "(interp), merge_tokens (merge)"),
+                   help="comma list (default: the first three): dpc_knn|dpc, token_pruning_cluster|tpc, "
+                        "token_recovering_attention|tra, token_recovering_interpolation|interp, merge_tokens|merge")
     p.add_argument("--device", type=_device_arg, help="cpu or cuda (default: cuda when present, else cpu)")
     p.add_argument("--dtype", type=_comma_list("dtype", BC.DTYPE_ALIASES, "float32, bfloat16, float16"),
                    help="comma list of float32|fp32, bfloat16|bf16, float16|fp16 (default: float32 on cpu; "

@@ -8,6 +8,12 @@ replaces the published cross-attention module of TRA (same constructor, paramete
 published code, by design (DESIGN.md): ties are broken deterministically (lower index first)
 instead of by U(0, 1e-6) noise, densities are ordered in log space, and the densest token's delta
 is the largest distance between *real* tokens.
+
+The random stream, by contrast, is kept: the published functions draw ``torch.rand(B, N)`` tie
+noise on every call, so the drop-ins draw the same tensor (same shape, device, dtype, global
+generator) and discard it. Every later random draw of a training step (dropout, DropPath,
+augmentation) then sees the same generator state as in the unpatched run with the same seed.
+Opt out per call with ``advance_rng=False`` or for the process with ``compat.ADVANCE_RNG = False``.
 """
 from __future__ import annotations
 
@@ -18,9 +24,38 @@ from torch import nn
 
 from . import _validate as V
 from . import reference
-from .functional import _dpc_knn, token_recovering_attention
+from .functional import _cluster_mean, _dpc_knn, token_recovering_attention
 
-__all__ = ["cluster_dpc_knn", "cluster_dpc_knn_center", "CrossAttention"]
+__all__ = ["ADVANCE_RNG", "cluster_dpc_knn", "cluster_dpc_knn_center", "merge_tokens", "CrossAttention"]
+
+# Default of the drop-ins' ``advance_rng``: draw (and discard) the published tie noise, so that the
+# global RNG advances exactly as in the published code.
+ADVANCE_RNG = True
+
+
+def published_noise_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the published code's tie noise for input x: that of ``torch.cdist(x, x)``,
+    which is float32 under autocast on x's device (cdist is on autocast's float32 list; float64
+    is never cast) and x's dtype otherwise."""
+    device_type = x.device.type
+    if (x.dtype != torch.float64 and device_type in ("cpu", "cuda")
+            and torch.is_autocast_enabled(device_type)):
+        return torch.float32
+    return x.dtype
+
+
+def _advance_flag(op: str, advance_rng) -> bool:
+    """advance_rng, or ADVANCE_RNG when it is None; a bool either way."""
+    if advance_rng is None:
+        return V.boolean(op, "compat.ADVANCE_RNG", ADVANCE_RNG)
+    return V.boolean(op, "advance_rng", advance_rng)
+
+
+def _draw_published_noise(x: torch.Tensor) -> None:
+    """Draw the published ``torch.rand(B, N)`` tie noise from the global generator of x's device
+    and discard it: the values are unused (the tie rule stays deterministic), only the generator
+    state advances."""
+    torch.rand(x.shape[:2], device=x.device, dtype=published_noise_dtype(x))
 
 
 def _as_bool_mask(token_mask):
@@ -31,23 +66,66 @@ def _as_bool_mask(token_mask):
     return token_mask
 
 
-def cluster_dpc_knn(x, cluster_num, k, token_mask=None, *, backend=None):
+def cluster_dpc_knn(x, cluster_num, k, token_mask=None, *, backend=None, advance_rng=None):
     """x (B, N, C) -> (index_down (B, cluster_num), idx_cluster (B, N)), as published.
 
     index_down: the kept tokens in descending-score order (the models sort it afterwards);
     idx_cluster[b, i]: position in index_down of the kept token nearest to token i (each kept
-    token maps to its own position)."""
-    return _dpc_knn("cluster_dpc_knn", x, cluster_num, k, _as_bool_mask(token_mask), None, True,
-                    sorted=False, keep_center=True, backend=backend)
+    token maps to its own position). advance_rng (default ADVANCE_RNG): draw the published
+    ``torch.rand(B, N)`` tie noise, unused, so the global RNG advances as in the published code."""
+    advance = _advance_flag("cluster_dpc_knn", advance_rng)
+    out = _dpc_knn("cluster_dpc_knn", x, cluster_num, k, _as_bool_mask(token_mask), None, True,
+                   sorted=False, keep_center=True, backend=backend)
+    if advance:
+        _draw_published_noise(x)
+    return out
 
 
-def cluster_dpc_knn_center(x, cluster_num, k, center, token_mask=None, *, backend=None):
+def cluster_dpc_knn_center(x, cluster_num, k, center, token_mask=None, *, backend=None, advance_rng=None):
     """Like :func:`cluster_dpc_knn` with token ``center`` excluded from the pick, as published:
     cluster_num tokens other than center, descending score; idx_cluster relative to them. The
     published models then append center and sort (``hot_kernels.dpc_knn(x, f, center=c)`` does
-    all of that in one call)."""
-    return _dpc_knn("cluster_dpc_knn_center", x, cluster_num, k, _as_bool_mask(token_mask), center, True,
-                    sorted=False, keep_center=False, backend=backend)
+    all of that in one call). advance_rng: as in :func:`cluster_dpc_knn`."""
+    advance = _advance_flag("cluster_dpc_knn_center", advance_rng)
+    out = _dpc_knn("cluster_dpc_knn_center", x, cluster_num, k, _as_bool_mask(token_mask), center, True,
+                   sorted=False, keep_center=False, backend=backend)
+    if advance:
+        _draw_published_noise(x)
+    return out
+
+
+MERGE_EPS = 1e-6  # added to every cluster's weight sum by TCFormer and Chat-UniVi
+
+
+def merge_tokens(x, idx_cluster, cluster_num, token_weight=None, *, backend=None):
+    """Token merging in the convention of Chat-UniVi's ``merge_tokens(x, idx_cluster, cluster_num,
+    token_weight=None)`` (TCFormer's ``merge_tokens(token_dict, idx_cluster, cluster_num,
+    token_weight)`` computes the same ``x_merged`` from ``token_dict["x"]``): x (B, N, C),
+    idx_cluster (B, N) cluster of each token in [0, cluster_num) (what ``cluster_dpc_knn`` returns),
+    token_weight (B, N, 1) (or (B, N)) or None -> x_merged (B, cluster_num, C) =
+    sum w_i x_i / (sum w_i + 1e-6) per cluster.
+
+    Differences from :func:`hot_kernels.merge_tokens`: the clusters are given by idx_cluster and
+    cluster_num (no kept-token index, so no check that each kept token is in its own cluster), the
+    weights are (B, N, 1), and, as published, 1e-6 is added to each weight sum (an exact mean times
+    W / (W + 1e-6); an empty or zero-weight cluster gives 0 in both). TCFormer's other outputs
+    (idx_token, agg_weight, the merged token_dict) are not produced. Deterministic on every backend
+    (the published index_add_ is not, on CUDA)."""
+    op = "compat.merge_tokens"
+    if isinstance(token_weight, torch.Tensor) and token_weight.dim() == 3 and token_weight.shape[2] == 1:
+        token_weight = token_weight[..., 0]
+    x, _, idx_cluster, token_weight, f = V.merge_inputs(op, x, None, idx_cluster, token_weight, cluster_num)
+    mean = _cluster_mean(op, x, idx_cluster, f, token_weight, backend)
+    if token_weight is None:
+        W = torch.zeros(x.shape[0], f, dtype=mean.dtype, device=x.device).scatter_add_(
+            1, idx_cluster, torch.ones_like(idx_cluster, dtype=mean.dtype))  # counts: exact in any order
+    else:
+        # sum of w per cluster = count * mean of w: differentiable in the weights, deterministic.
+        counts = torch.zeros(x.shape[0], f, dtype=torch.float32, device=x.device).scatter_add_(
+            1, idx_cluster, torch.ones_like(idx_cluster, dtype=torch.float32))
+        mean_w = _cluster_mean(op, token_weight[..., None], idx_cluster, f, None, backend)[..., 0]
+        W = counts.to(token_weight.dtype) * mean_w
+    return mean * (W / (W + MERGE_EPS))[..., None]
 
 
 def _weights(mod: nn.Module):

@@ -6,7 +6,7 @@ are those of hot_kernels/reference.py (and DESIGN.md); the shapes are in each do
 
 The selection ops (knn_density, dpc_delta, topf_select, dpc_knn) are not differentiable, as in
 HoT: their outputs never require grad. pairwise_distance, the gather of token_pruning_cluster and
-token_recovering_attention are.
+token_recovering_attention, token_recovering_interpolation and merge_tokens are.
 """
 from __future__ import annotations
 
@@ -23,6 +23,9 @@ __all__ = [
     "dpc_knn",
     "token_pruning_cluster",
     "token_recovering_attention",
+    "token_recovering_interpolation",
+    "merge_tokens",
+    "compose_indices",
 ]
 
 
@@ -237,7 +240,92 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
         # computed by the plain PyTorch path rather than launching kernels over nothing.
         out = reference.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual)
     else:
-        out, _lse = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
-                                                    residual, name)
+        # keep: the backward will run, so the cpu backend keeps K|V and o for it (as autograd would
+        # for nn.Linear + SDPA) instead of recomputing them.
+        keep = torch.is_grad_enabled() and any(
+            isinstance(t, torch.Tensor) and t.requires_grad for t in (query, x, wq, bq, wk, bk, wv, bv, wo, bo))
+        out = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
+                                              residual, keep, name)[0]
     V.outputs(op, values=[("out", out)])
+    return out
+
+
+def token_recovering_interpolation(x_kept: torch.Tensor, index: torch.Tensor, F: int, *,
+                                   backend: str | None = None) -> torch.Tensor:
+    """Recover F frames from the kept ones by linear interpolation over the frame index.
+
+    x_kept (B, f, C) or (B, f, J, C), index (B, f) strictly ascending in [0, F) (as dpc_knn and
+    token_pruning_cluster return it) -> (B, F, C) or (B, F, J, C), x_kept's dtype. Frame t with
+    index[p] <= t < index[p + 1] is (1 - w) x_kept[p] + w x_kept[p + 1], w = (t - index[p]) /
+    (index[p + 1] - index[p]); a kept frame comes back exactly; frames before the first / after the
+    last kept one copy it. Differentiable in x_kept (each kept frame gathers its weighted share of
+    the gradient: deterministic). One fused gather + lerp kernel on the compiled backends."""
+    op = "token_recovering_interpolation"
+    x_kept, index, F = V.interpolation_inputs(op, x_kept, index, F)
+    name = _dispatch.resolve(op, x_kept, backend)
+    if name == "reference":
+        out = reference.token_recovering_interpolation(x_kept, index, F)
+    else:
+        out = _ops.token_recovering_interpolation(x_kept, index, F, name)
+    V.outputs(op, values=[("out", out)])
+    return out
+
+
+def merge_tokens(x: torch.Tensor, index: torch.Tensor, assignment: torch.Tensor, weight: torch.Tensor | None = None,
+                 *, backend: str | None = None) -> torch.Tensor:
+    """Merge each cluster of tokens into its weighted mean (TCFormer / Chat-UniVi token merging).
+
+    x (B, N, C), index (B, f) the kept tokens and assignment (B, N) each token's cluster (a
+    position in index), as ``dpc_knn(x, f, return_assignment=True)`` returns them; weight (B, N)
+    per-token weights of x's dtype (None: 1) -> (B, f, C), x's dtype: out[b, p] = sum_i w_i x_i /
+    sum_i w_i over the tokens i with assignment[b, i] == p (the cluster of kept token index[b, p],
+    which contains it). A cluster whose weights sum to 0 gives 0. Differentiable in x and weight;
+    deterministic (per-cluster and per-token gathers in a fixed order, no atomics)."""
+    op = "merge_tokens"
+    x, index, assignment, weight, f = V.merge_inputs(op, x, index, assignment, weight)
+    return _cluster_mean(op, x, assignment, f, weight, backend)
+
+
+def _cluster_mean(op, x, assignment, f, weight, backend):
+    """merge_tokens on validated inputs, given the number of clusters f."""
+    name = _dispatch.resolve("merge_tokens", x, backend)
+    if name == "reference":
+        out = reference.cluster_mean(x, assignment, f, weight)
+    else:
+        out = _ops.merge_tokens(x, assignment, f, weight, name)[0]
+    V.outputs(op, values=[("out", out)])
+    return out
+
+
+def compose_indices(*indices: torch.Tensor) -> torch.Tensor:
+    """Map the kept indices of stacked pruning stages back to the original frames.
+
+    indices: index_1 (B, f_1) into the F original frames, index_2 (B, f_2) into the f_1 frames
+    stage 1 kept, ..., each as TokenPruningCluster / dpc_knn return them (positions in their own
+    stage's input) -> (B, f_last) int64: the original frame of every token the last stage kept,
+    out[b, t] = index_1[b, index_2[b, ... index_last[b, t]]]. Ascending stage indices give an
+    ascending result (what token_recovering_interpolation needs). Plain gathers, any device."""
+    op = "compose_indices"
+    if len(indices) == 1 and isinstance(indices[0], (list, tuple)):
+        indices = tuple(indices[0])
+    if not indices:
+        V.fail(op, "needs at least one index tensor (B, f)")
+    first = indices[0]
+    if not isinstance(first, torch.Tensor) or first.dim() != 2:
+        got = f"shape {tuple(first.shape)}" if isinstance(first, torch.Tensor) else type(first).__name__
+        V.fail(op, f"index_1 must be a (B, f_1) int64 tensor, got {got}")
+    out = V.index_tensor(op, "index_1", first, tuple(first.shape), "(B, f_1)")
+    for s, idx in enumerate(indices[1:], start=2):
+        B, f_prev = out.shape
+        if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+            got = f"shape {tuple(idx.shape)}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+            V.fail(op, f"index_{s} must be a (B, f_{s}) int64 tensor with B = {B}, got {got}")
+        idx = V.index_tensor(op, f"index_{s}", idx, (B, idx.shape[1]), f"(B, f_{s})")
+        V.same_device(op, "index_1", out, **{f"index_{s}": idx})
+        if V._values_checked(idx):
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= f_prev:
+                V.fail(op, f"index_{s} values must be positions in [0, {f_prev - 1}] (the f_{s - 1} = {f_prev} tokens "
+                           f"stage {s - 1} kept), got values in [{lo}, {hi}]")
+        out = out.gather(1, idx)
     return out

@@ -1,7 +1,8 @@
 """Modules: the two lines a new hourglass model needs.
 
 ``TokenPruningCluster`` keeps f representative frames after the first blocks; ``TokenRecoveringAttention``
-recovers the full-length sequence after the last. Both only hold parameters and call the ops in
+recovers the full-length sequence after the last (``TokenRecoveringInterpolation`` does it without
+parameters, by linear interpolation). They only hold parameters and call the ops in
 hot_kernels.functional (which validate and dispatch).
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from torch import nn
 from . import functional as F
 from .compat import CrossAttention
 
-__all__ = ["TokenPruningCluster", "TokenRecoveringAttention"]
+__all__ = ["TokenPruningCluster", "TokenRecoveringAttention", "TokenRecoveringInterpolation"]
 
 
 class TokenPruningCluster(nn.Module):
@@ -64,3 +65,25 @@ class TokenRecoveringAttention(CrossAttention):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}, length={self.length}"
+
+
+class TokenRecoveringInterpolation(nn.Module):
+    """Recovery without parameters: x_kept (B, f, [J,] C), index (B, f) ascending -> (B, length,
+    [J,] C) by linear interpolation over the frame index (see
+    :func:`hot_kernels.token_recovering_interpolation`). An alternative to TRA at the end of an
+    hourglass model, e.g. after several pruning stages (H2OT).
+
+    Args:
+        length: F, the number of frames to recover.
+        backend: as for :class:`TokenPruningCluster`.
+    """
+
+    def __init__(self, length: int, *, backend: str | None = None):
+        super().__init__()
+        self.length, self.backend = length, backend
+
+    def forward(self, x_kept: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return F.token_recovering_interpolation(x_kept, index, self.length, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"length={self.length}"

@@ -33,6 +33,8 @@ __all__ = [
     "dpc_knn",
     "token_pruning_cluster",
     "token_recovering_attention",
+    "token_recovering_interpolation",
+    "merge_tokens",
 ]
 
 
@@ -293,3 +295,65 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
     if training and proj_drop > 0:
         out = F.dropout(out, proj_drop, training=True)
     return q_in + out if residual else out
+
+
+def interpolation_weights(index: torch.Tensor, num_frames: int, dtype: torch.dtype):
+    """index (B, f) ascending -> (lo, hi (B, F) int64, w (B, F) of dtype): output frame t is
+    (1 - w) x[lo] + w x[hi]. lo/hi are the kept positions around t (index[lo] <= t < index[hi]);
+    before the first kept frame lo = hi = 0, at or after the last lo = hi = f - 1 (w = 0)."""
+    B, f = index.shape
+    t = torch.arange(num_frames, device=index.device).expand(B, num_frames).contiguous()
+    q = torch.searchsorted(index.contiguous(), t, right=True)  # kept frames at or before t
+    inside = (q > 0) & (q < f)
+    lo = torch.where(q == 0, 0, q - 1).clamp(max=f - 1)
+    hi = torch.where(inside, q, lo)
+    i_lo, i_hi = index.gather(1, lo), index.gather(1, hi)
+    span = (i_hi - i_lo).to(dtype)
+    w = torch.where(inside & (span > 0), (t - i_lo).to(dtype) / span.clamp(min=1), torch.zeros((), dtype=dtype,
+                                                                                                device=index.device))
+    return lo, hi, w
+
+
+def token_recovering_interpolation(x_kept: torch.Tensor, index: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """x_kept (B, f, C) or (B, f, J, C), index (B, f) ascending -> (B, F, C) or (B, F, J, C).
+
+    Linear interpolation over the frame index: frame t between kept frames index[p] <= t <
+    index[p + 1] is (1 - w) x[p] + w x[p + 1], w = (t - index[p]) / (index[p + 1] - index[p]);
+    frames before the first / after the last kept one copy it. Computed in float32 for half
+    inputs; differentiable in x_kept (the backward scatter-adds the weights)."""
+    B, f = index.shape
+    dt = compute_dtype(x_kept.dtype)
+    lo, hi, w = interpolation_weights(index, num_frames, dt)
+    rest = x_kept.shape[2:]
+    R = math.prod(rest)
+    xf = x_kept.to(dt).reshape(B, f, R)
+    a = xf.gather(1, lo[:, :, None].expand(B, num_frames, R))
+    c = xf.gather(1, hi[:, :, None].expand(B, num_frames, R))
+    out = (1 - w)[:, :, None] * a + w[:, :, None] * c
+    return out.reshape(B, num_frames, *rest).to(x_kept.dtype)
+
+
+def merge_tokens(x: torch.Tensor, index: torch.Tensor, assignment: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """x (B, N, C), index (B, f), assignment (B, N) in [0, f), weight (B, N) or None -> (B, f, C).
+
+    out[b, p] = sum_{i: assignment[b, i] = p} w_i x_i / sum_{same i} w_i (w = 1 when weight is
+    None): each kept token's cluster mean. A cluster whose weights sum to 0 gives 0. Computed in
+    float32 for half inputs; differentiable in x and weight."""
+    return cluster_mean(x, assignment, index.shape[1], weight)
+
+
+def cluster_mean(x: torch.Tensor, assignment: torch.Tensor, f: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """merge_tokens given the number of clusters f instead of the kept tokens' index."""
+    B, N, C = x.shape
+    dt = compute_dtype(x.dtype)
+    w = torch.ones(B, N, dtype=dt, device=x.device) if weight is None else weight.to(dt)
+    # index_add over the flattened (sample, cluster) slots, as TCFormer / Chat-UniVi merge (on CUDA
+    # its atomic adds make the last bits order-dependent: this is the oracle, not a fast path).
+    slot = (assignment + torch.arange(B, device=x.device)[:, None] * f).reshape(B * N)
+    W = torch.zeros(B * f, dtype=dt, device=x.device).index_add(0, slot, w.reshape(B * N)).reshape(B, f)
+    src = (w[:, :, None] * x.to(dt)).reshape(B * N, C)
+    num = torch.zeros(B * f, C, dtype=dt, device=x.device).index_add(0, slot, src).reshape(B, f, C)
+    safe = torch.where(W != 0, W, torch.ones((), dtype=dt, device=x.device))
+    out = torch.where((W != 0)[:, :, None], num / safe[:, :, None], torch.zeros((), dtype=dt, device=x.device))
+    return out.to(x.dtype)

@@ -71,7 +71,9 @@ def _cases(backend, device, dtype, seed):
         return _close("delta", got, want, **tol)
 
     def topf():
-        score = torch.randn(3, 37, dtype=torch.float64)
+        # In the check's dtype (the GPU backends take no float64 scores); a permutation of distinct
+        # values, so the pick has no ties.
+        score = (torch.stack([torch.randperm(37) for _ in range(3)]).to(dtype) - 18) / 4
         got = hk.topf_select(score.to(device), 9, exclude=4, **b)
         want = R.topf_select(score, 9, exclude=4)
         return None if torch.equal(got.cpu(), want) else f"topf_select: got {got.tolist()}, reference {want.tolist()}"
@@ -106,8 +108,32 @@ def _cases(backend, device, dtype, seed):
             why = why or _close(f"gradient {i}", a.grad, w.grad, rtol=1e-3, atol=1e-4)
         return why
 
+    def interp():
+        index = R.dpc_knn(xr, 9, 2)  # ascending kept frames of the 37
+        kept = xr.gather(1, index[:, :, None].expand(-1, -1, xr.shape[2]))
+        leaf = kept.to(device, dtype).clone().requires_grad_()
+        got = hk.token_recovering_interpolation(leaf, index.to(device), 37, **b)
+        got.square().sum().backward()
+        ref = kept.detach().clone().requires_grad_()
+        want = R.token_recovering_interpolation(ref, index, 37)
+        want.square().sum().backward()
+        return _close("output", got, want, **tol) or _close("gradient", leaf.grad, ref.grad, rtol=1e-3, atol=1e-4)
+
+    def merge():
+        index, assignment = R.dpc_knn(xr, 9, 2, return_assignment=True)
+        w = torch.rand(3, 37, generator=torch.Generator().manual_seed(seed + 2), dtype=torch.float64) + 0.1
+        leaves = [xr.to(device, dtype).clone().requires_grad_(), w.to(device, dtype).clone().requires_grad_()]
+        got = hk.merge_tokens(leaves[0], index.to(device), assignment.to(device), leaves[1], **b)
+        got.square().sum().backward()
+        refs = [xr.detach().clone().requires_grad_(), w.clone().requires_grad_()]
+        want = R.merge_tokens(refs[0], index, assignment, refs[1])
+        want.square().sum().backward()
+        return (_close("output", got, want, **tol) or _close("gradient x", leaves[0].grad, refs[0].grad, 1e-3, 1e-4)
+                or _close("gradient weight", leaves[1].grad, refs[1].grad, 1e-3, 1e-4))
+
     return [("pairwise_distance", pairwise), ("knn_density", density), ("dpc_delta", delta),
-            ("topf_select", topf), ("dpc_knn", dpc), ("token_recovering_attention", tra)]
+            ("topf_select", topf), ("dpc_knn", dpc), ("token_recovering_attention", tra),
+            ("token_recovering_interpolation", interp), ("merge_tokens", merge)]
 
 
 def run(backend: str, device: torch.device, seed: int = 0):

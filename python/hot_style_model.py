@@ -12,9 +12,9 @@ MHFormer's cross-hypothesis blocks (keys and values from different tensors) do.
 
 Two deliberate differences from the published functions, so that the patched and unpatched runs
 can be compared index for index: density ties are broken by the lower index (hot_kernels' rule)
-instead of by U(0, 1e-6) noise, and distances are computed bit-symmetrically (with k = 2 two
-frames that are each other's nearest neighbour have exactly equal densities, and which of them
-is "denser" must not depend on rounding).
+instead of by U(0, 1e-6) noise (the noise is still drawn, as published, and left unused), and
+distances are computed bit-symmetrically (with k = 2 two frames that are each other's nearest
+neighbour have exactly equal densities, and which of them is "denser" must not depend on rounding).
 """
 from __future__ import annotations
 
@@ -43,6 +43,9 @@ def _dpc_knn(x, cluster_num, k, center, token_mask):
             dist = dist * token_mask[:, None, :] + (dist.max() + 1) * (~token_mask[:, None, :])
         nearest, _ = torch.topk(dist, k=k, dim=-1, largest=False)
         density = (-(nearest ** 2).mean(dim=-1)).exp()
+        # The published code adds this U(0, 1e-6) noise to break ties; here it is drawn and left
+        # unused (ties go to the lower index below), so the random stream is the published one.
+        torch.rand(density.shape, device=density.device, dtype=density.dtype)
         if token_mask is not None:
             density = density * token_mask
         # j is "higher" than i: denser, or as dense with a lower index

@@ -15,6 +15,12 @@ if not torch.cuda.is_available():
 # the cpu/cuda tests see the backend as unavailable. tests/test_install.py turns it on where it means to.
 os.environ.setdefault("HOT_KERNELS_JIT", "0")
 
+# Under pytest-xdist (CI: `pytest -n 2`), the workers share the cores: each takes its share of torch's
+# threads, or OpenMP teams spinning on oversubscribed cores would slow every parallel region many
+# times over. Tests that need a thread count set it themselves (and restore it).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, torch.get_num_threads() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 # Outputs of the Triton wrappers start as NaN / -2^62 (hot_kernels/triton/_alloc.py): an element a
 # kernel leaves unwritten shows in the comparisons instead of passing by luck.
 os.environ.setdefault("HOT_KERNELS_POISON", "1")

@@ -35,6 +35,9 @@ __all__ = [
     "brute_assignment",
     "brute_token_pruning_cluster",
     "brute_token_recovering_attention",
+    "brute_interpolation_weights",
+    "brute_token_recovering_interpolation",
+    "brute_merge_tokens",
 ]
 
 
@@ -368,4 +371,56 @@ def brute_token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, n
         out[s] = lin(O, wo, bo)
         if residual:
             out[s] = out[s] + q_in
+    return out
+
+
+def brute_interpolation_weights(index, F):
+    """index (B, f) ascending -> (B, F, f) float64: out[b, t] = sum_p W[b, t, p] x[b, p] by the
+    definition (frames before the first / after the last kept one copy it; between kept frames
+    index[p] <= t < index[p + 1], weights 1 - w and w with w = (t - index[p]) / (index[p+1] - index[p]))."""
+    idx = np.array(_to_numpy(index), dtype=np.int64)
+    B, f = idx.shape
+    W = np.zeros((B, F, f))
+    for b in range(B):
+        row = [int(v) for v in idx[b]]
+        for t in range(F):
+            if t <= row[0]:
+                W[b, t, 0] = 1.0
+            elif t >= row[-1]:
+                W[b, t, f - 1] = 1.0
+            else:
+                p = max(q for q in range(f) if row[q] <= t)
+                w = (t - row[p]) / (row[p + 1] - row[p])
+                W[b, t, p] += 1.0 - w
+                W[b, t, p + 1] += w
+    return W
+
+
+def brute_token_recovering_interpolation(x_kept, index, F):
+    """(B, f, [J,] C) -> (B, F, [J,] C) float64."""
+    x = as_f64(x_kept)
+    W = brute_interpolation_weights(index, F)
+    B, f = x.shape[:2]
+    flat = x.reshape(B, f, int(np.prod(x.shape[2:])))
+    out = np.stack([W[b] @ flat[b] for b in range(B)]) if B else np.zeros((0, F, flat.shape[2]))
+    return out.reshape(B, F, *x.shape[2:])
+
+
+def brute_merge_tokens(x, index, assignment, weight=None):
+    """(B, N, C) -> (B, f, C) float64: each cluster's weighted mean, math.fsum sums, 0 when a
+    cluster's weights sum to 0."""
+    xs = as_f64(x)
+    a = np.array(_to_numpy(assignment), dtype=np.int64)
+    B, N, C = xs.shape
+    f = int(index.shape[1])
+    w = np.ones((B, N)) if weight is None else as_f64(weight)
+    out = np.zeros((B, f, C))
+    for b in range(B):
+        for p in range(f):
+            members = [i for i in range(N) if a[b, i] == p]
+            W = math.fsum(w[b, i] for i in members)
+            if W == 0:
+                continue
+            for c in range(C):
+                out[b, p, c] = math.fsum(w[b, i] * xs[b, i, c] for i in members) / W
     return out

@@ -25,6 +25,18 @@ def test_default_backend_on_cpu_is_cpu_when_built():
     assert _dispatch.resolve("dpc_knn", x) == ("cpu" if HAS_CPU_EXT else "reference")
 
 
+def test_every_dispatched_op_has_a_default_order_on_each_device():
+    # resolve() reads the per-op tables: an op missing from one would fail with a KeyError.
+    ops = set(_dispatch._ext.ops_for_device("cpu")) | set(_dispatch.CUDA_PREFERENCE) | set(_dispatch.CPU_PREFERENCE)
+    for table in (_dispatch.CPU_PREFERENCE, _dispatch.CUDA_PREFERENCE):
+        assert set(table) == ops
+        for op, order in table.items():
+            assert order[-1] == "reference" and set(order) <= set(_dispatch.BACKENDS), op
+    x = torch.randn(2, 8, 4)
+    for op in _dispatch.CPU_PREFERENCE:
+        assert _dispatch.resolve(op, x) == (_dispatch.CPU_PREFERENCE[op][0] if HAS_CPU_EXT else "reference")
+
+
 def test_precedence_argument_over_context_over_env(monkeypatch):
     x = torch.randn(2, 8, 4)
     monkeypatch.setenv("HOT_KERNELS_BACKEND", "reference")
@@ -228,3 +240,12 @@ def test_compile_fullgraph_as_the_first_call_in_a_process():
     env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if hk.available_backends("cpu")[b] is None])
+def test_self_check_passes_on_every_backend_that_runs_here(backend):
+    # `hot-kernels check`: every op once against the reference, in the dtype the backend takes.
+    from hot_kernels import selfcheck
+
+    results = dict(selfcheck.run(backend, torch.device("cpu")))
+    assert results and all(v is None for v in results.values()), results

@@ -13,7 +13,8 @@ engine, self and cross, 2 x 2 tiles, duplicates, a NaN row, offset data) and its
 density (masks; the 4-, 16- and 33-candidate kernels); delta (masks, ties); top-f (sorted and
 best first, ties, NaN, exclude; the shared-memory and global-memory sorts); the fused dpc_knn (masks,
 center kept or excluded, sorted=False, assignment, pooled 4-D input, NaN rows, offset half data);
-gather_frames forward and backward. Outputs are NaN-poisoned before the call (deterministic
+gather_frames forward and backward; token_recovering_interpolation and merge_tokens (interp_merge.cu)
+forward and backward against the reference. Outputs are NaN-poisoned before the call (deterministic
 fill), and a few runs are compared bitwise under other thread/block schedules.
 Skips, saying why, only when the host toolchain cannot build a torch C++ extension at all.
 """
@@ -28,7 +29,7 @@ from selection import assert_same_or_near_tie, check_assignment, check_selection
 from test_cuda_emulation import build_emulation, poison_empty, same_bits  # noqa: F401 (fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OURS = ("tpc_cuda_common.cuh", "tpc_distance.cu", "tpc_select.cu", "gather_frames.cu", "hot_kernels.h",
+OURS = ("tpc_cuda_common.cuh", "tpc_distance.cu", "tpc_select.cu", "gather_frames.cu", "interp_merge.cu", "hot_kernels.h",
         "tpc_emu.h", "tra_emu.h", "tpc_ext.cpp")
 HALF = (torch.float16, torch.bfloat16)
 
@@ -378,6 +379,49 @@ def test_gather_frames(tpc, poison_empty, dtype, pos_batch):
         want_pos = grad.float().sum(2)
         want_pos = want_pos.sum(0, keepdim=True) if pos_batch == 1 else want_pos
         torch.testing.assert_close(gpos.float(), want_pos.to(dtype).float(), **TOL[dtype])
+
+
+# ---- token_recovering_interpolation and merge_tokens (interp_merge.cu) ----------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_recovering_interpolation(tpc, poison_empty, dtype):
+    g = torch.Generator().manual_seed(3)
+    index = torch.tensor([[1, 4, 5, 9], [0, 2, 7, 10]])
+    x = torch.randn(2, 4, 3, 5, generator=g).to(dtype)
+    out = run(tpc, "token_recovering_interpolation", x, index, 11)
+    torch.testing.assert_close(out.float(), R.token_recovering_interpolation(x, index, 11).float(), **TOL[dtype])
+    x3 = x[:, :, 0].contiguous()  # (B, f, C) too
+    torch.testing.assert_close(run(tpc, "token_recovering_interpolation", x3, index, 11).float(),
+                               R.token_recovering_interpolation(x3, index, 11).float(), **TOL[dtype])
+    grad = torch.randn(2, 11, 3, 5, generator=g).to(dtype)
+    gx = run(tpc, "token_recovering_interpolation_backward", grad, index, 4)
+    xd = x.double().requires_grad_()
+    (want,) = torch.autograd.grad(R.token_recovering_interpolation(xd, index, 11), xd, grad.double())
+    torch.testing.assert_close(gx.float(), want.float(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("weighted", [True, False])
+def test_merge_tokens(tpc, poison_empty, weighted):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 9, 6, generator=g)
+    assignment = torch.tensor([[0, 1, 2, 0, 1, 1, 2, 0, 0], [2, 2, 1, 0, 0, 1, 1, 2, 0]])
+    index = torch.tensor([[0, 1, 2], [3, 2, 0]])
+    w = torch.rand(2, 9, generator=g) + 0.1 if weighted else None
+    if weighted:
+        w[1][assignment[1] == 1] = 0  # a cluster of weight 0: merged to 0, zero gradients
+    out, wsum = run(tpc, "merge_tokens", x, assignment, 3, w)
+    torch.testing.assert_close(out, R.merge_tokens(x, index, assignment, w), **TOL[torch.float32])
+    grad = torch.randn(2, 3, 6, generator=g)
+    gx, gw = run(tpc, "merge_tokens_backward", grad, x, assignment, w, out, wsum, weighted)
+    leaves = [x.double().requires_grad_()] + ([w.double().requires_grad_()] if weighted else [])
+    want = torch.autograd.grad(R.merge_tokens(leaves[0], index, assignment, leaves[1] if weighted else None),
+                               leaves, grad.double())
+    torch.testing.assert_close(gx.double(), want[0], rtol=1e-5, atol=1e-6)
+    if weighted:
+        torch.testing.assert_close(gw.double(), want[1], rtol=1e-5, atol=1e-6)
+    else:
+        assert gw.numel() == 0
 
 
 # ---- schedules --------------------------------------------------------------------------------

@@ -82,9 +82,35 @@ def test_opcheck_pairwise_distance_with_grad():
 
 
 @pytest.mark.parametrize("shared,bias,residual", [(True, False, True), (False, True, False)])
-def test_opcheck_tra(shared, bias, residual):
+@pytest.mark.parametrize("keep", [True, False])
+def test_opcheck_tra(shared, bias, residual, keep):
     args = _tra_inputs(shared=shared, bias=bias)
-    _opcheck(ops.token_recovering_attention.default, (*args, 2, 0.5, residual, "cpu"))
+    _opcheck(ops.token_recovering_attention.default, (*args, 2, 0.5, residual, keep, "cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shared", [True, False])
+def test_tra_backward_from_kept_tensors_equals_recomputation_bitwise(shared, dtype):
+    # keep=True: the forward returns K|V and o and the backward reads them; keep=False: the
+    # backward recomputes them. Both must give bitwise the same gradients.
+    args = [a.detach().to(dtype) if a is not None else None for a in _tra_inputs(shared=shared, bias=True)]
+    kept = ops.token_recovering_attention(*args, 2, 0.5, True, True, "cpu")
+    plain = ops.token_recovering_attention(*args, 2, 0.5, True, False, "cpu")
+    S, M, C = args[1].shape
+    L = args[0].shape[1]
+    assert kept[2].shape == (S * M, 2 * C) and kept[3].shape == (S * L, C) and kept[2].dtype == torch.float32
+    assert plain[2].numel() == 0 and plain[3].numel() == 0
+    for a, b in zip(kept[:2], plain[:2]):
+        assert torch.equal(a, b)
+    g = torch.randn_like(kept[0])
+    from_kept = ops.token_recovering_attention_backward(g, *args, kept[1], kept[2], kept[3], 2, 0.5, True, "cpu")
+    recomputed = ops.token_recovering_attention_backward(g, *args, plain[1], plain[2], plain[3], 2, 0.5, True, "cpu")
+    for a, b in zip(from_kept, recomputed):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="kv and o must both be kept"):
+        ops.token_recovering_attention_backward(g, *args, kept[1], kept[2], plain[3], 2, 0.5, True, "cpu")
+    with pytest.raises(RuntimeError, match="kv must be the forward's"):
+        ops.token_recovering_attention_backward(g, *args, kept[1], kept[2][1:], kept[3], 2, 0.5, True, "cpu")
 
 
 def test_tra_gradcheck_float64():
@@ -169,3 +195,47 @@ def test_export_dpc_knn():
     ep = torch.export.export(Select(), (x,))
     assert "hot_kernels.dpc_knn" in str(ep.graph)
     assert torch.equal(ep.module()(x), Select()(x))
+
+
+# AOTInductor on the CPU model with the cpu backend, in a process without the Triton interpreter
+# (the TPC ops are then torch.library.triton_ops, as on a GPU machine): export, compile and package,
+# load, and compare with eager. 30-45 s on 2 cores (Inductor's C++ build): slow, and opt-in to keep
+# CI short: HOT_KERNELS_AOTI=1 python -m pytest -q tests/test_registration.py -k aoti
+_AOTI_SCRIPT = r"""
+import os, sys
+import torch
+import hot_kernels as hk
+sys.path.insert(0, os.path.join(sys.argv[1], "python"))
+from hourglass_mixste import HourglassMixSTE
+
+torch.manual_seed(0)
+model = HourglassMixSTE(frames=27, joints=17, keep=9, dim=32, heads=2, depth=2, prune_after=1,
+                        use_hot_kernels=True).eval()
+x = torch.randn(2, 27, 17, 2)
+with hk.use_backend("cpu"), torch.no_grad():
+    want = model(x)
+    ep = torch.export.export(model, (x,))
+assert "hot_kernels.dpc_knn.default" in {str(n.target) for n in ep.graph.nodes}
+path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(sys.argv[2], "model.pt2"))
+loaded = torch._inductor.aoti_load_package(path)
+with torch.no_grad():
+    got = loaded(x)
+torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+print("AOTI OK")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("os").environ.get("HOT_KERNELS_AOTI", "0") in ("", "0"),
+                    reason="opt-in (30-45 s): HOT_KERNELS_AOTI=1")
+def test_aoti_compile_and_package_cpu_model(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _AOTI_SCRIPT, root, str(tmp_path)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0 and "AOTI OK" in res.stdout, res.stderr[-3000:]

@@ -867,10 +867,13 @@ def test_cpu_results_do_not_depend_on_the_thread_count(target):
         torch.set_num_threads(1)
         one = _all_ops(target, torch.float32)
         x = target.t(2, 450, 8, seed=21).cumsum(1)  # N >= 384 with B < threads: split inside a sample
+        wide = target.t(1, 140, 4096, seed=23)  # N^2 C above the split threshold at N < 384: split too
         one += list(DK(x, 100, 2, return_assignment=True, backend="cpu"))
+        one += list(DK(wide, 40, 2, return_assignment=True, backend="cpu"))
         torch.set_num_threads(max(2, threads))
         two = _all_ops(target, torch.float32)
         two += list(DK(x, 100, 2, return_assignment=True, backend="cpu"))
+        two += list(DK(wide, 40, 2, return_assignment=True, backend="cpu"))
     finally:
         torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(one, two)):

@@ -2,6 +2,7 @@
 // bit-symmetric one of tpc_common.h (the one the TPC ops use); with y it is the same Gram form on
 // inputs centred by their common mean, with the same exact recomputation of near-duplicate pairs.
 #include "../hot_kernels.h"
+#include "gemm_fixed.h"
 #include "tpc_common.h"
 
 namespace hot_kernels {
@@ -137,12 +138,12 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward_cpu(const at::Tens
   const at::Tensor xs = xf - off;
   if (!has_y) {
     const at::Tensor rs = (W.sum(2) + W.sum(1)).unsqueeze(-1);
-    const at::Tensor gx = xs * rs - at::bmm(W + W.transpose(1, 2), xs);
+    const at::Tensor gx = xs * rs - bmm_fixed(W + W.transpose(1, 2), xs);
     return std::make_tuple(gx.to(x.scalar_type()), at::empty({0}, x.options()));
   }
   const at::Tensor ys = yf - off;
-  const at::Tensor gx = xs * W.sum(2).unsqueeze(-1) - at::bmm(W, ys);
-  const at::Tensor gy = ys * W.sum(1).unsqueeze(-1) - at::bmm(W.transpose(1, 2), xs);
+  const at::Tensor gx = xs * W.sum(2).unsqueeze(-1) - bmm_fixed(W, ys);
+  const at::Tensor gy = ys * W.sum(1).unsqueeze(-1) - bmm_fixed(W.transpose(1, 2), xs);
   return std::make_tuple(gx.to(x.scalar_type()), gy.to(y->scalar_type()));
 }
 

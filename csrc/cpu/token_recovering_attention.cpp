@@ -13,13 +13,17 @@
 //    attention as a stride-0 view over the sequences (no S copies). In the backward its gradient is
 //    the sum over sequences of dQ_s, reduced chunk by chunk in a fixed order.
 //  * The S sequences are processed in chunks of n so that a chunk's temporaries stay within
-//    kChunkBytes. The forward keeps only the row log-sum-exp lse (S, H, L); the backward
-//    recomputes K, V, Q and the attention output o (one more flash forward) from the inputs.
+//    kChunkBytes. The forward returns the row log-sum-exp lse (S, H, L) and, when the caller will
+//    differentiate (keep), K|V and the attention output o as well: the memory autograd keeps for
+//    the same layers written with nn.Linear and SDPA, and the backward then skips a K|V GEMM and a
+//    flash forward. Without them (or for a per-sequence query's Q) it recomputes from the inputs;
+//    both ways give bitwise the same gradients (the recomputation is deterministic).
 //  * Weight/bias gradients are accumulated over chunks in a fixed order (no atomics, the same
 //    chunking for the same shapes whatever the thread count).
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
 //    lse is float32 (float64 for float64 inputs).
 #include "../hot_kernels.h"
+#include "gemm_fixed.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -134,54 +138,6 @@ struct Prepared {
   at::Tensor qs_shared;      // (L, C) query[0] Wq^T + bq (shared only)
 };
 
-// out (+)= a b (+ bias): a (m, k), b (k, n), out (m, n) (any strides ATen's mm takes). Computed in
-// fixed blocks of rows of out, each one BLAS call made inside an active OpenMP region, where BLAS
-// runs single-threaded: the result does not depend on the thread count. (A multi-threaded BLAS
-// call may split its work, and so its sums, by the thread count: MKL does for small shapes, e.g.
-// 11 x 32 x 32.) The blocks depend on m only: at least kGemmMinRows rows (each block packs all
-// of b, which for a weight gradient is a whole chunk of activations) and at most kGemmMaxBlocks.
-constexpr int64_t kGemmMinRows = 256;
-constexpr int64_t kGemmMaxBlocks = 16;
-
-void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {},
-                bool accumulate = false) {
-  const int64_t m = out.size(0);
-  const int64_t rows = std::max(kGemmMinRows, (m + kGemmMaxBlocks - 1) / kGemmMaxBlocks);
-  const int64_t blocks = (m + rows - 1) / rows;
-  const int nt = std::max(1, at::get_num_threads());
-  std::exception_ptr error;  // an exception must not leave the OpenMP region: rethrown after it
-  const at::ThreadLocalState state;  // the caller's grad mode, dispatch keys, ... for the workers
-#pragma omp parallel num_threads(nt)
-  {
-    at::ThreadLocalStateGuard guard(state);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t i = 0; i < blocks; ++i) {
-      try {
-        const int64_t r0 = i * rows, r = std::min(rows, m - r0);
-        auto o = out.narrow(0, r0, r);
-        const auto ai = a.narrow(0, r0, r);
-        if (accumulate)
-          o.addmm_(ai, b);
-        else if (bias.defined())
-          at::addmm_out(o, bias, ai, b);
-        else
-          at::mm_out(o, ai, b);
-      } catch (...) {
-#pragma omp critical(hk_gemm_fixed_error)
-        if (!error) error = std::current_exception();
-      }
-    }
-  }
-  if (error) std::rethrow_exception(error);
-}
-
-// a b (+ bias) into a new (m, n) tensor.
-at::Tensor mm_fixed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
-  auto out = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm_fixed(out, a, b, bias);
-  return out;
-}
-
 at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) { return mm_fixed(in, w.t(), b); }
 
 Prepared prepare(const Dims& D, const at::Tensor& query, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
@@ -214,13 +170,20 @@ struct Chunk {
   at::Tensor qs;    // (n*L, C) projected query (per-sequence query only)
 };
 
+// kv_all: the whole (S*M, 2C) K|V buffer, or undefined. fill_kv: compute the chunk's rows into it
+// (forward with keep); else they are read from it (backward); with no buffer they are computed.
 Chunk make_chunk(const Dims& D, const Prepared& p, const at::Tensor& query, const at::Tensor& x, int64_t s0,
-                 int64_t n) {
+                 int64_t n, const at::Tensor& kv_all = {}, bool fill_kv = false) {
   Chunk c;
   c.s0 = s0;
   c.n = n;
   c.xc = x.narrow(0, s0, n).to(D.cdt).contiguous().view({n * D.M, D.C});
-  c.kv = linear2d(c.xc, p.wkv, p.bkv);
+  if (!kv_all.defined()) {
+    c.kv = linear2d(c.xc, p.wkv, p.bkv);
+  } else {
+    c.kv = kv_all.narrow(0, s0 * D.M, n * D.M);
+    if (fill_kv) gemm_fixed(c.kv, c.xc, p.wkv.t(), p.bkv);
+  }
   if (!D.shared) {
     c.q_in = query.narrow(0, s0, n).to(D.cdt).contiguous().view({n * D.L, D.C});
     c.qs = linear2d(c.q_in, p.wq, p.bq);
@@ -261,12 +224,15 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
     const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
     const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
     const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
-    int64_t num_heads, double scale, bool residual) {
+    int64_t num_heads, double scale, bool residual, bool keep) {
   const Dims D = check_inputs(kFwd, query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads);
   const int64_t S = D.S, L = D.L, M = D.M, C = D.C;
+  const auto copt = x.options().dtype(D.cdt);
   auto out = at::empty({S, L, C}, x.options());
-  auto lse = at::empty({S, D.H, L}, x.options().dtype(D.cdt));
-  if (S == 0) return {out, lse};
+  auto lse = at::empty({S, D.H, L}, copt);
+  auto kv_all = keep ? at::empty({S * M, 2 * C}, copt) : at::empty({0}, copt);
+  auto o_all = keep ? at::empty({S * L, C}, copt) : at::empty({0}, copt);
+  if (S == 0) return {out, lse, kv_all, o_all};
   const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo);
   const bool same_dtype = D.cdt == D.dtype;
   const int64_t cs = chunk_size(D, false);
@@ -275,7 +241,7 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
-    Chunk c = make_chunk(D, p, query, x, s0, n);
+    Chunk c = make_chunk(D, p, query, x, s0, n, keep ? kv_all : at::Tensor(), true);
     auto lse_c = lse.narrow(0, s0, n);  // (n, H, L)
     at::Tensor o;
     if (M > 0) {
@@ -284,8 +250,9 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
       o = rows_of(oh);
     } else {
       lse_c.fill_(-std::numeric_limits<double>::infinity());
-      o = at::zeros({n * L, C}, c.kv.options());
+      o = at::zeros({n * L, C}, copt);
     }
+    if (keep) o = o_all.narrow(0, s0 * L, n * L).copy_(o);
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
     if (D.shared && residual) {
       gemm_fixed(y, o, p.wo.t());
@@ -299,16 +266,17 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
     }
     if (!same_dtype) out.narrow(0, s0, n).view({n * L, C}).copy_(y);
   }
-  return {out, lse};
+  return {out, lse, kv_all, o_all};
 }
 
 std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq,
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
-    const std::optional<at::Tensor>& bo, const at::Tensor& lse, int64_t num_heads, double scale, bool residual) {
+    const std::optional<at::Tensor>& bo, const at::Tensor& lse, const at::Tensor& kv, const at::Tensor& o_kept,
+    int64_t num_heads, double scale, bool residual) {
   const Dims D = check_inputs(kBwd, query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads);
-  const int64_t S = D.S, L = D.L, M = D.M, C = D.C, H = D.H, d = D.d;
+  const int64_t S = D.S, L = D.L, M = D.M, C = D.C, H = D.H;
   check_tensor(kBwd, "grad_out", grad_out, D.dtype);
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == S && grad_out.size(1) == L && grad_out.size(2) == C, kBwd,
               ": grad_out must be (S, L, C) = (", S, ", ", L, ", ", C, "), got ", grad_out.sizes());
@@ -317,6 +285,18 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
               ": lse must be float32 or float64, got ", lse.scalar_type());
   TORCH_CHECK(lse.dim() == 3 && lse.size(0) == S && lse.size(1) == H && lse.size(2) == L, kBwd,
               ": lse must be (S, H, L) = (", S, ", ", H, ", ", L, "), got ", lse.sizes());
+  // The forward's kept K|V and o: both or neither, exactly as the forward made them.
+  const bool kept = kv.defined() && kv.numel() > 0;
+  TORCH_CHECK(kept == (o_kept.defined() && o_kept.numel() > 0), kBwd, ": kv and o must both be kept or both empty");
+  if (kept) {
+    for (auto [name, t, rows, cols] : {std::tuple<const char*, const at::Tensor*, int64_t, int64_t>{"kv", &kv, S * M, 2 * C},
+                                       {"o", &o_kept, S * L, C}}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == D.cdt && t->is_contiguous() && t->dim() == 2 &&
+                      t->size(0) == rows && t->size(1) == cols,
+                  kBwd, ": ", name, " must be the forward's contiguous (", rows, ", ", cols, ") ", D.cdt,
+                  " CPU tensor, got ", t->sizes(), " ", t->scalar_type());
+    }
+  }
 
   const auto copt = x.options().dtype(D.cdt);
   const bool same_dtype = D.cdt == D.dtype;
@@ -341,12 +321,16 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
-    Chunk c = make_chunk(D, p, query, x, s0, n);
+    Chunk c = make_chunk(D, p, query, x, s0, n, kept ? kv : at::Tensor(), false);
     auto g = grad_out.narrow(0, s0, n).to(D.cdt).contiguous().view({n * L, C});
     at::Tensor o, dkv, dq_c;  // (n*L, C), (n*M, 2C) = dK | dV, (n*L, C) per-sequence dQ
     if (M > 0) {
       auto [q, k, v] = qkv(D, p, c);
-      auto [oh, lse_h] = attend(D, p, c, scale);  // o again (bitwise the forward's: deterministic)
+      at::Tensor oh;  // (n, H, L, d): kept, or computed again (bitwise the forward's: deterministic)
+      if (kept)
+        oh = heads_view(o_kept.narrow(0, s0 * L, n * L), n, L, D);
+      else
+        oh = std::get<0>(attend(D, p, c, scale));
       auto lse_c = lse.narrow(0, s0, n).to(D.cdt);
       auto dO = heads_view(mm_fixed(g, p.wo), n, L, D);  // (n, H, L, d)
       auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(

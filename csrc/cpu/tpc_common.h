@@ -84,7 +84,12 @@ namespace tpc {
 constexpr int64_t kFullMaxN = 2048;  // largest N with a full N x N block per sample
 constexpr int64_t kStairTile = 64;   // row tile of the full block (a multiple of 4)
 constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrinks for huge k)
-constexpr int64_t kIntraMinN = 384;  // fewer samples than threads and N >= this: split inside a sample
+// Fewer samples than threads: a sample is split over the threads when its distance block is big
+// enough to pay for the extra barriers: N >= kIntraMinN, or N >= kIntraMinSplitN with
+// N^2 C >= kIntraMinWork (the work of N = 384 at C = 512; e.g. TPC-MHFormer's N = 351, C = 1536).
+constexpr int64_t kIntraMinN = 384;
+constexpr int64_t kIntraMinSplitN = 2 * 64;  // two stair tiles
+constexpr int64_t kIntraMinWork = int64_t(384) * 384 * 512;
 constexpr int64_t kPadRows = 4;      // zero rows after the last token of a centred copy
 constexpr int64_t kGramColBlock = 256;  // column chunk of the AVX-512 Gram kernel (a multiple of 4)
 // Pairs with d2 < (|x_i|^2 + |x_j|^2) / kRefineDiv are recomputed by direct differences.
@@ -1459,7 +1464,8 @@ inline void run(const Job<T>& job) {
     run_panels(job, nt);
     return;
   }
-  if (job.B < nt && job.N >= kIntraMinN) {
+  const bool split = job.N >= kIntraMinN || (job.N >= kIntraMinSplitN && job.N * job.N * job.C >= kIntraMinWork);
+  if (job.B < nt && split) {
     SampleWork<T> w;
     size_work(job, w);
     std::vector<std::vector<T>> kbufs(nt, std::vector<T>(job.k > 0 ? KState<T>::capacity_for(job.k) : 1));

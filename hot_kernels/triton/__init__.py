@@ -2,8 +2,9 @@
 
 Runs on CUDA tensors, and on CPU tensors under ``TRITON_INTERPRET=1`` (slow; for tests).
 ``OPS`` names the ops this backend implements (their backward ops are implied); the TPC and TRA
-kernels add themselves here. Without the triton package the module still imports, with
-``IMPORT_ERROR`` saying why and ``OPS`` empty.
+kernels add themselves here, and so do token_recovering_interpolation and merge_tokens
+(interp_merge.py). Without the triton package the module still imports, with ``IMPORT_ERROR``
+saying why and ``OPS`` empty.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ except ImportError as e:
 OPS: frozenset[str] = frozenset()
 
 if IMPORT_ERROR is None:
+    from . import _interp_compat
+
+    _interp_compat.apply()  # Triton 3.6's interpreter under numpy >= 2.4 (see _interp_compat.py)
     from .tpc import (  # noqa: F401
         dpc_delta,
         dpc_knn,
@@ -33,3 +37,11 @@ if IMPORT_ERROR is None:
     from .tra import token_recovering_attention, token_recovering_attention_backward  # noqa: F401
 
     OPS = OPS | frozenset({"token_recovering_attention"})
+    from .interp_merge import (  # noqa: F401
+        merge_tokens,
+        merge_tokens_backward,
+        token_recovering_interpolation,
+        token_recovering_interpolation_backward,
+    )
+
+    OPS = OPS | frozenset({"token_recovering_interpolation", "merge_tokens"})

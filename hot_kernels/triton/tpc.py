@@ -7,7 +7,7 @@ the device. Dtypes: float16, bfloat16, float32 (float64 is the CPU/reference bac
 float32 accumulation; statistics come back in float32, indices in int64.
 
 Launches per call: pairwise_distance 1, its backward 1 (2 with y), knn_density 1, dpc_delta 2,
-topf_select 1, dpc_knn 3 (density sweep, delta sweep, selection + assignment), gather_frames 1,
+topf_select 1, dpc_knn 3 (density sweep, delta sweep, selection; + 1 for the assignment), gather_frames 1,
 gather_frames_backward 2 (zero fill + scatter).
 
 Tuning knobs (module attributes, read at each call): SWEEP_BM / SWEEP_BN (row / column tile of
@@ -15,7 +15,7 @@ the sweeps; the row tile shrinks for small grids, see _sweep_bm), BC_F32 / BC_HA
 chunk), SWEEP_WARPS, SELECT_SINGLE_MAX (largest N whose selection sorts all keys in registers;
 a bigger sort compiles slowly: ~20 s at 4096), SELECT_CHUNK (tokens per pass of the bisection
 path), SELECT_ROUND (picks per sorted round of its best-first output), ASSIGN_BM / ASSIGN_BN /
-ASSIGN_MAX_PROGRAMS (the assignment's tiles and programs per sample), F32_DOT_PRECISION
+ASSIGN_WARPS / ASSIGN_MAX_PROGRAMS (the assignment's tiles, warps and programs per sample), F32_DOT_PRECISION
 ("tf32x3" or "ieee"; the environment variable HOT_KERNELS_TRITON_F32_DOT sets it at import).
 """
 from __future__ import annotations
@@ -26,8 +26,11 @@ import os
 
 import torch
 import triton
+from torch.library import wrap_triton
+from triton.runtime.jit import JITFunction
 
 from . import _alloc
+from ._device import on_input_device
 from . import tpc_kernels as K
 
 __all__ = [
@@ -53,7 +56,8 @@ SELECT_SINGLE_MAX = 2048
 SELECT_CHUNK = 4096
 SELECT_ROUND = 1024
 ASSIGN_BM = 64
-ASSIGN_BN = 64
+ASSIGN_BN = 32
+ASSIGN_WARPS = 8  # with ASSIGN_BN = 32: no spills on sm_90 (ptxas, Triton 3.6; 4 warps x 64: 1 KB)
 ASSIGN_MAX_PROGRAMS = 64
 PDIST_BLOCK = 64
 ROWMAX_CHUNK = 1024
@@ -68,6 +72,25 @@ def _np2(n: int) -> int:
 def _block(n: int, cap: int, lo: int = 16) -> int:
     """A power-of-two block for an extent n: at least lo (tl.dot's minimum), at most cap."""
     return max(lo, min(cap, _np2(n)))
+
+
+# CUDA caps grid axes 1 and 2 at 65535 (axis 0 at 2^31 - 1), and Triton does not check: every
+# launch here has a one-axis grid with the batch folded in, the kernels split the program id.
+MAX_GRID_X = 2 ** 31 - 1
+
+
+def _grid(programs: int) -> tuple[int]:
+    """A one-axis launch grid of ``programs`` programs (raises past CUDA's axis-0 limit)."""
+    if programs > MAX_GRID_X:
+        raise ValueError(f"hot_kernels (triton): {programs} programs exceed the launch grid's limit "
+                         f"({MAX_GRID_X}); split the batch")
+    return (int(programs),)
+
+
+def _k(kernel):
+    """kernel, launchable inside torch.library.triton_op: wrap_triton makes a compiled Triton
+    kernel visible to make_fx / Inductor tracing (and launches it directly in eager mode)."""
+    return wrap_triton(kernel) if isinstance(kernel, JITFunction) else kernel
 
 
 def _check_dtype(op: str, t: torch.Tensor, name: str = "x") -> None:
@@ -138,8 +161,8 @@ def _density(p: _Points, mask, k: int, out, rowmax, want_dens: bool, want_max: b
     kp = _np2(max(ko, 1))
     bm = _sweep_bm(p)
     bn = _block(p.N, SWEEP_BN)
-    grid = (triton.cdiv(p.N, bm), p.B)
-    K._density_kernel[grid](
+    grid = _grid(p.B * triton.cdiv(p.N, bm))
+    _k(K._density_kernel)[grid](
         p.x, m, out if out is not None else rowmax, rowmax if rowmax is not None else out,
         *p.args(), m_b, m_n, p.sqrt_c,
         HAS_MASK=has_mask, POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION,
@@ -152,8 +175,8 @@ def _delta(p: _Points, key, mask, rowmax, out, parent, score: bool) -> None:
     m, m_b, m_n, has_mask = _mask_args(mask, p.x)
     bm = _sweep_bm(p)
     bn = _block(p.N, SWEEP_BN)
-    grid = (triton.cdiv(p.N, bm), p.B)
-    K._delta_kernel[grid](
+    grid = _grid(p.B * triton.cdiv(p.N, bm))
+    _k(K._delta_kernel)[grid](
         p.x, key, m, rowmax, out, parent if parent is not None else out,
         *p.args(), m_b, m_n, key.stride(0), key.stride(1), p.sqrt_c,
         HAS_MASK=has_mask, POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, SCORE=score,
@@ -162,32 +185,34 @@ def _delta(p: _Points, key, mask, rowmax, out, parent, score: bool) -> None:
 
 
 def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, f: int, n_pick: int,
-            index, asg, p: _Points | None) -> None:
+            index) -> None:
+    """index (B, f) <- the selection: one program per sample."""
     B, N = score.shape
     m, m_b, m_n, has_mask = _mask_args(mask, score)
     single = N <= SELECT_SINGLE_MAX
     nb = _block(N, 1 << 30) if single else _np2(SELECT_CHUNK)
-    assign = asg is not None
-    if assign:
-        bm = _block(N, ASSIGN_BM)
-        bn = _block(f, ASSIGN_BN)
-        # Best-first output without SINGLE uses index[b] as scratch: one program per sample.
-        r = 1 if (not single and not sorted) else max(1, min(triton.cdiv(N, bm), ASSIGN_MAX_PROGRAMS))
-        x, pargs, pool, native, bc = p.x, p.args()[3:], p.pool, p.native, p.bc
-        C, J = p.C, p.J
-    else:
-        bm, bn, r = 16, 16, 1
-        x, pargs, pool, native, bc, C, J = score, (0, 0, 0, 0), False, False, 16, 1, 1
-    K._select_kernel[(r, B)](
-        score, m, exclude if exclude is not None else index, index, asg if assign else index, x,
-        score.stride(0), score.stride(1), m_b, m_n, *pargs,
-        N, C, J, f, n_pick, center, r,
+    _k(K._select_kernel)[_grid(B)](
+        score, m, exclude if exclude is not None else index, index,
+        score.stride(0), score.stride(1), m_b, m_n, N, f, n_pick, center,
         HAS_MASK=has_mask, HAS_EXCL=exclude is not None, KEEP_CENTER=keep_center and center >= 0,
-        SORTED=sorted, ASSIGN=assign, SINGLE=single, POOL=pool, NATIVE=native, PREC=F32_DOT_PRECISION,
-        NB=nb, SB=_np2(SELECT_ROUND), BM=bm, BN=bn, BC=bc, num_warps=4 if nb <= 1024 else 8,
+        SORTED=sorted, SINGLE=single, NB=nb, SB=_np2(SELECT_ROUND), num_warps=4 if nb <= 1024 else 8,
     )
 
 
+def _assign(p: _Points, index, asg) -> None:
+    """asg (B, N) <- each token's nearest kept token (a position in index[b]); up to
+    ASSIGN_MAX_PROGRAMS programs per sample, each on its own rows."""
+    f = index.shape[1]
+    bm = _block(p.N, ASSIGN_BM)
+    bn = _block(f, ASSIGN_BN)
+    r = max(1, min(triton.cdiv(p.N, bm), ASSIGN_MAX_PROGRAMS))
+    _k(K._assign_kernel)[_grid(p.B * r)](
+        index, asg, p.x, p.s_b, p.s_n, p.s_j, p.s_c, p.N, p.C, p.J, f, r,
+        POOL=p.pool, NATIVE=p.native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=p.bc, num_warps=ASSIGN_WARPS,
+    )
+
+
+@on_input_device
 def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: bool) -> torch.Tensor:
     """x (B, N, C) -> (B, N) float32: log rho (log=True) or rho. One launch."""
     p = _Points("knn_density", x)
@@ -198,6 +223,7 @@ def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: b
     return out
 
 
+@on_input_device
 def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor | None):
     """x (B, N, C), density (B, N) (rho or log rho, any float dtype) -> (delta (B, N) float32,
     parent (B, N) int64). Two launches: the largest real distance per row, then the delta sweep."""
@@ -212,6 +238,7 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     return delta, parent
 
 
+@on_input_device
 def topf_select(score: torch.Tensor, f: int, sorted: bool, exclude: torch.Tensor | None) -> torch.Tensor:
     """score (B, N) -> index (B, f) int64: ascending (sorted) or best first. One launch."""
     _check_dtype("topf_select", score, "score")
@@ -220,18 +247,20 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool, exclude: torch.Tensor
     if B == 0 or f == 0:
         return index
     ex = None if exclude is None else exclude.to(device=score.device, dtype=torch.long).reshape(B)
-    _select(score, None, ex, -1, False, bool(sorted), int(f), int(f), index, None, None)
+    _select(score, None, ex, -1, False, bool(sorted), int(f), int(f), index)
     return index
 
 
+@on_input_device
 def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, center: int | None,
             keep_center: bool, sorted: bool, return_assignment: bool):
     """The fused TPC selection -> (index (B, f) int64, assignment (B, N) int64 or (B, 0)).
 
     x (B, N, C), or (B, N, J, C): selects on the joint-pooled clip (mean over J in float32 inside
-    the loads). Three launches, O(B * N) float32 intermediates, no N x N tensor: density sweep
-    (log rho, largest real e per row), delta sweep (score = delta * rho), per-sample selection
-    (+ the assignment when asked)."""
+    the loads). Three launches (four with the assignment), O(B * N) float32 intermediates, no
+    N x N tensor: density sweep (log rho, largest real e per row), delta sweep (score = delta *
+    rho), per-sample selection (one program per sample), then, when asked, the assignment (up to
+    ASSIGN_MAX_PROGRAMS programs per sample reading the selection)."""
     p = _Points("dpc_knn", x)
     B, N = p.B, p.N
     f = int(f)
@@ -246,14 +275,16 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
     score = _alloc.empty_like(log_rho)
     _density(p, token_mask, int(k), log_rho, rowmax, want_dens=True, want_max=True, log=True)
     _delta(p, log_rho, token_mask, rowmax, score, None, score=True)
-    _select(score, token_mask, None, c, bool(keep_center), bool(sorted), f, n_pick, index,
-            asg if return_assignment else None, p)
+    _select(score, token_mask, None, c, bool(keep_center), bool(sorted), f, n_pick, index)
+    if return_assignment:
+        _assign(p, index, asg)
     return index, asg
 
 
 # ---- pairwise_distance ----------------------------------------------------------------------------
 
 
+@on_input_device
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     """x (B, N, C), y (B, M, C) or None -> D (B, N, M) in x's dtype (bit-symmetric with a zero
     diagonal when y is None). One launch."""
@@ -273,14 +304,15 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
     else:
         bm, bn = _block(N, PDIST_BLOCK), _block(M, PDIST_BLOCK)
         yy = y
-    grid = (triton.cdiv(N, bm), triton.cdiv(M, bn), B)
-    K._pdist_kernel[grid](
+    grid = _grid(B * triton.cdiv(N, bm) * triton.cdiv(M, bn))
+    _k(K._pdist_kernel)[grid](
         x, yy, out, N, M, C, *x.stride(), *yy.stride(), *out.stride(), math.sqrt(C),
         SELF=y is None, NATIVE=native, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=bc, num_warps=4,
     )
     return out
 
 
+@on_input_device
 def pairwise_distance_backward(grad: torch.Tensor, x: torch.Tensor, y: torch.Tensor | None, dist: torch.Tensor):
     """grad, dist (B, N, M) -> (grad_x (B, N, C), grad_y (B, M, C), or an empty tensor when y is
     None: grad_x then holds both roles of x). W = grad / (C * D), 0 where D == 0."""
@@ -312,9 +344,9 @@ def _pd_bwd(out, a, q, x, grad, dist, sym: bool, transpose: bool) -> None:
     bm = _block(NA, 64)
     bn = _block(NQ, 32)
     bc = _block(C, 64)
-    grid = (triton.cdiv(NA, bm), triton.cdiv(C, bc), B)
+    grid = _grid(B * triton.cdiv(NA, bm) * triton.cdiv(C, bc))
     # 8 warps, 2 stages: no register spills and 72 KiB of shared memory on sm_90 (ptxas).
-    K._pdist_bwd_kernel[grid](
+    _k(K._pdist_bwd_kernel)[grid](
         out, a, q, x, grad, dist, NA, NQ, C, *a.stride(), *q.stride(), x.stride(0), x.stride(2),
         g_b, g_i, g_j, d_b, d_i, d_j, float(C),
         SYM=sym, PREC=F32_DOT_PRECISION, BM=bm, BN=bn, BC=bc, num_warps=8, num_stages=2,
@@ -324,6 +356,7 @@ def _pd_bwd(out, a, q, x, grad, dist, sym: bool, transpose: bool) -> None:
 # ---- gather_frames ----------------------------------------------------------------------------------
 
 
+@on_input_device
 def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor | None) -> torch.Tensor:
     """x (B, F, J, C), index (B, f) int64 (distinct values in [0, F)), pos_embed (1 or B, f, C) or
     None -> (B, f, J, C) in x's dtype: out[b, t] = x[b, index[b, t]] (+ pos_embed[0 or b, t] over
@@ -341,13 +374,14 @@ def gather_frames(x: torch.Tensor, index: torch.Tensor, pos_embed: torch.Tensor 
         pos, p_b, p_t, p_c = x, 0, 0, 0
     bc = _block(C, 128)
     bj = _block(J, max(1, 2048 // bc), lo=1)
-    K._gather_kernel[(f, B)](
-        x, index, pos, out, J, C, *x.stride(), *index.stride(), p_b, p_t, p_c,
+    _k(K._gather_kernel)[_grid(B * f)](
+        x, index, pos, out, f, J, C, *x.stride(), *index.stride(), p_b, p_t, p_c,
         HAS_POS=pos_embed is not None, BJ=bj, BC=bc, num_warps=4,
     )
     return out
 
 
+@on_input_device
 def gather_frames_backward(grad: torch.Tensor, index: torch.Tensor, num_frames: int, pos_batch: int):
     """grad (B, f, J, C) -> (grad_x (B, num_frames, J, C): zero except grad_x[b, index[b, t]] =
     grad[b, t]; grad_pos (pos_batch, f, C) = grad summed over J (and over B when pos_batch == 1),
@@ -366,8 +400,8 @@ def gather_frames_backward(grad: torch.Tensor, index: torch.Tensor, num_frames: 
         return gx, gp
     bc = _block(C, 128)
     bj = _block(J, max(1, 2048 // bc), lo=1)
-    K._gather_bwd_kernel[(f, B)](
-        grad, index, gx, gp if mode else gx, B, int(num_frames), J, C, *grad.stride(), *index.stride(),
+    _k(K._gather_bwd_kernel)[_grid(B * f)](
+        grad, index, gx, gp if mode else gx, B, f, int(num_frames), J, C, *grad.stride(), *index.stride(),
         POS=mode, BJ=bj, BC=bc, num_warps=4,
     )
     return gx, gp

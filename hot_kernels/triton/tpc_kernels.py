@@ -155,7 +155,8 @@ def _density_kernel(
     WANT_DENS: tl.constexpr, WANT_MAX: tl.constexpr, LOG: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (cdiv(N, BM), B). Rows [pid * BM, +BM) of sample b stream over all column tiles.
+    """Grid (B * cdiv(N, BM),): program b * cdiv(N, BM) + t (the batch folded into axis 0, whose
+    limit is 2^31 - 1, not 65535). Rows [t * BM, +BM) of sample b stream over all column tiles.
 
     Density: a row's own D = 0 is one of its k nearest, so the KO = k - 1 smallest e over the other
     real columns are tracked as packed keys (bits(e) << 32 | j) in KP >= KO register slots; each
@@ -163,8 +164,9 @@ def _density_kernel(
     many times as some row has keys below its current worst). The kept neighbours' e are then
     recomputed exactly and log rho = -(sum of D^2) / count, count = k, or min(k, real tokens) with
     a mask (masked or infinite neighbours add 0); masked rows get -inf."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    n_t = tl.cdiv(N, BM)
+    pid = tl.program_id(0) % n_t
+    b = (tl.program_id(0) // n_t).to(tl.int64)
     xb = x_ptr + b * s_b
     m_off = b * m_b
     rows = pid * BM + tl.arange(0, BM)
@@ -263,14 +265,15 @@ def _delta_kernel(
     HAS_MASK: tl.constexpr, POOL: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
     SCORE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr, CH: tl.constexpr,
 ):
-    """Grid (cdiv(N, BM), B). Token j is higher than i when key_j > key_i, or key_j == key_i and
+    """Grid (B * cdiv(N, BM),), as _density_kernel. Token j is higher than i when key_j > key_i, or key_j == key_i and
     j < i. Rows stream over the column tiles (skipping a tile none of whose keys reaches the
     rows' lowest key), keeping the smallest packed key (bits(e) << 32 | j) over higher columns:
     the parent is the lowest j at the smallest e; D(i, parent) is then recomputed exactly. The one
     token of a sample with no higher token gets the sample's largest real distance (the max of
     rowmax, reduced only by the program holding it) and is its own parent."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    n_t = tl.cdiv(N, BM)
+    pid = tl.program_id(0) % n_t
+    b = (tl.program_id(0) // n_t).to(tl.int64)
     xb = x_ptr + b * s_b
     m_off = b * m_b
     k_off = b * k_b
@@ -371,31 +374,22 @@ def _select_kernel(
     mask_ptr,    # (B, N) uint8 (HAS_MASK): masked tokens rank below real ones
     excl_ptr,    # (B,) int64 token never picked (HAS_EXCL); else `center` (-1: none)
     index_ptr,   # (B, f) int64 contiguous: the output
-    asg_ptr,     # (B, N) int64 contiguous: the assignment (ASSIGN)
-    x_ptr,       # (B, N, [J,] C) points (ASSIGN)
-    sc_b, sc_n, m_b, m_n, s_b, s_n, s_j, s_c,
-    N, C, J, f, n_pick, center, R,
+    sc_b, sc_n, m_b, m_n,
+    N, f, n_pick, center,
     HAS_MASK: tl.constexpr, HAS_EXCL: tl.constexpr, KEEP_CENTER: tl.constexpr,
-    SORTED: tl.constexpr, ASSIGN: tl.constexpr, SINGLE: tl.constexpr,
-    POOL: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
-    NB: tl.constexpr, SB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+    SORTED: tl.constexpr, SINGLE: tl.constexpr, NB: tl.constexpr, SB: tl.constexpr,
 ):
-    """Grid (R, B). Picks the n_pick best tokens of sample b by _rank_key (f picks, or f - 1 plus
-    the kept center when KEEP_CENTER) and writes index[b]: ascending (SORTED) or best first (a kept
-    center last).
+    """Grid (B,): one program per sample. Picks the n_pick best tokens of sample b by _rank_key
+    (f picks, or f - 1 plus the kept center when KEEP_CENTER) and writes index[b]: ascending
+    (SORTED) or best first (a kept center last).
 
     SINGLE (N <= NB): all keys in registers, one bitonic sort; the n_pick-th key is the threshold.
     Otherwise the threshold comes from bisection over the integer keys (_kth_key); SORTED output is
     then a compaction in index order (chunks of NB); best-first output is built in rounds of SB
     picks: the keys of each round are compacted into index[b] (scratch), read back, sorted in
-    registers and replaced by their tokens (the wrapper uses R = 1 there).
-
-    ASSIGN: every one of the R programs of a sample computes the same selection and writes the
-    same index[b] (identical values, so the concurrent writes agree), reads it back after a
-    barrier and assigns the rows r * BM + R * BM * t: the lowest position of the kept token with
-    the smallest e (Gram form), a kept token to its own position."""
-    r = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    registers and replaced by their tokens (this program's own scratch: one program per sample).
+    The assignment reads index[b] in a separate launch (_assign_kernel)."""
+    b = tl.program_id(0).to(tl.int64)
     sc_off = b * sc_b
     m_off = b * m_b
     out = index_ptr + b * f
@@ -460,25 +454,41 @@ def _select_kernel(
             if KEEP_CENTER:
                 tl.store(out + (f - 1), center)
 
-    if ASSIGN:
-        tl.debug_barrier()  # index[b] written by this program's threads: visible to all of them
-        xb = x_ptr + b * s_b
-        for row0 in range(r * BM, N, R * BM):
-            rows = row0 + tl.arange(0, BM)
-            rok = rows < N
-            best = tl.full([BM], _SENT, tl.int64)
-            own = tl.full([BM], -1, tl.int32)
-            for p0 in range(0, f, BN):
-                ps = p0 + tl.arange(0, BN)
-                pok = ps < f
-                toks = tl.load(out + ps, mask=pok, other=0, cache_modifier=".cg")
-                e = _gram_e(xb, rows, rok, s_n, s_j, s_c, xb, toks, pok, s_n, s_j, s_c, xb, C, J,
-                            BM, BN, BC, POOL, NATIVE, PREC)
-                best = tl.minimum(best, tl.min(tl.where(pok[None, :], _pack(e, ps), _SENT), axis=1))
-                is_own = pok[None, :] & (toks[None, :] == rows[:, None])
-                own = tl.maximum(own, tl.max(tl.where(is_own, ps[None, :], -1), axis=1))
-            a = tl.where(own >= 0, own.to(tl.int64), best & _LOW32)
-            tl.store(asg_ptr + b * N + rows, a, mask=rok)
+
+
+@triton.jit
+def _assign_kernel(
+    index_ptr,   # (B, f) int64 contiguous: the kept tokens, from _select_kernel
+    asg_ptr,     # (B, N) int64 contiguous: the output
+    x_ptr,       # (B, N, [J,] C) points
+    s_b, s_n, s_j, s_c,
+    N, C, J, f, R,
+    POOL: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+):
+    """Grid (B * R,): program b * R + r assigns the rows r * BM + R * BM * t of sample b to the
+    lowest position of the kept token with the smallest e (Gram form), a kept token to its own
+    position. index[b] comes from the previous launch (no selection redone, no barrier)."""
+    r = tl.program_id(0) % R
+    b = (tl.program_id(0) // R).to(tl.int64)
+    out = index_ptr + b * f
+    xb = x_ptr + b * s_b
+    for row0 in range(r * BM, N, R * BM):
+        rows = row0 + tl.arange(0, BM)
+        rok = rows < N
+        best = tl.full([BM], _SENT, tl.int64)
+        own = tl.full([BM], -1, tl.int32)
+        for p0 in range(0, f, BN):
+            ps = p0 + tl.arange(0, BN)
+            pok = ps < f
+            toks = tl.load(out + ps, mask=pok, other=0)
+            e = _gram_e(xb, rows, rok, s_n, s_j, s_c, xb, toks, pok, s_n, s_j, s_c, xb, C, J,
+                        BM, BN, BC, POOL, NATIVE, PREC)
+            best = tl.minimum(best, tl.min(tl.where(pok[None, :], _pack(e, ps), _SENT), axis=1))
+            is_own = pok[None, :] & (toks[None, :] == rows[:, None])
+            own = tl.maximum(own, tl.max(tl.where(is_own, ps[None, :], -1), axis=1))
+        a = tl.where(own >= 0, own.to(tl.int64), best & _LOW32)
+        tl.store(asg_ptr + b * N + rows, a, mask=rok)
 
 
 # ---- pairwise_distance ----------------------------------------------------------------------------
@@ -492,13 +502,17 @@ def _pdist_kernel(
     SELF: tl.constexpr, NATIVE: tl.constexpr, PREC: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (cdiv(N, BM), cdiv(M, BN), B). D tile by the Gram form (no refinement). SELF (BM ==
+    """Grid (B * cdiv(N, BM) * cdiv(M, BN),): program (b * cdiv(N, BM) + pi) * cdiv(M, BN) + pj
+    (one axis: the batch is not capped at 65535). D tile by the Gram form (no refinement). SELF (BM ==
     BN): tile (I, J) with I > J is the transpose of the canonical tile (J, I), and a diagonal
     tile takes its upper triangle for both halves: D is bitwise symmetric, its diagonal exactly
     0."""
-    pi = tl.program_id(0)
-    pj = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    n_i = tl.cdiv(N, BM)
+    n_j = tl.cdiv(M, BN)
+    pid = tl.program_id(0)
+    pj = pid % n_j
+    pi = (pid // n_j) % n_i
+    b = (pid // (n_j * n_i)).to(tl.int64)
     xb = x_ptr + b * x_b
     ar = tl.arange(0, BM)
     ac = tl.arange(0, BN)
@@ -535,13 +549,17 @@ def _pdist_bwd_kernel(
     g_b, g_i, g_j, d_b, d_i, d_j, cf,
     SYM: tl.constexpr, PREC: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (cdiv(NA, BM), cdiv(C, BC), B). grad_a_i = a_i * sum_j W_ij - sum_j W_ij q_j with
+    """Grid (B * cdiv(NA, BM) * cdiv(C, BC),): program (b * cdiv(NA, BM) + pm) * cdiv(C, BC) + pc.
+    grad_a_i = a_i * sum_j W_ij - sum_j W_ij q_j with
     W = g / (C D) (0 where D == 0: the gradient of |v| at 0 is 0); SYM (y is None): W + W^T. Both
     sides are shifted by the pivot x[b, 0] (translation invariant; less cancellation). Fixed
     order, no atomics."""
-    pm = tl.program_id(0)
-    pc = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
+    n_m = tl.cdiv(NA, BM)
+    n_c = tl.cdiv(C, BC)
+    pid = tl.program_id(0)
+    pc = pid % n_c
+    pm = (pid // n_c) % n_m
+    b = (pid // (n_c * n_m)).to(tl.int64)
     rows = pm * BM + tl.arange(0, BM)
     rok = rows < NA
     cs = pc * BC + tl.arange(0, BC)
@@ -587,14 +605,15 @@ def _gather_kernel(
     idx_ptr,  # (B, f) int64, distinct values in [0, F)
     pos_ptr,  # (1 or B, f, C) (HAS_POS); p_b = 0 broadcasts one over the batch
     out_ptr,  # (B, f, J, C) contiguous, x's dtype
-    J, C, x_b, x_n, x_j, x_c, i_b, i_t, p_b, p_t, p_c,
+    T, J, C, x_b, x_n, x_j, x_c, i_b, i_t, p_b, p_t, p_c,
     HAS_POS: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (f, B): out[b, t] = x[b, index[b, t]] (+ pos[b or 0, t] over the joints, added in
+    """Grid (B * f,): program b * f + t (T = f). out[b, t] = x[b, index[b, t]] (+ pos[b or 0, t] over the joints, added in
     float32 and rounded once)."""
-    t = tl.program_id(0).to(tl.int64)
-    nt = tl.num_programs(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    nt = T  # an argument of 1 arrives as a constexpr (Triton's specialization): no .to() on it
+    t = pid % nt
+    b = pid // nt
     src = tl.load(idx_ptr + b * i_b + t * i_t)
     xs = x_ptr + b * x_b + src * x_n
     ob = out_ptr + (b * nt + t) * J * C
@@ -618,15 +637,16 @@ def _gather_bwd_kernel(
     idx_ptr,  # (B, f) int64
     gx_ptr,   # (B, F, J, C) contiguous, zero-filled by the wrapper: kept rows written here
     gp_ptr,   # (B, f, C) (POS == 1) or (1, f, C) (POS == 2) contiguous
-    B, F, J, C, g_b, g_t, g_j, g_c, i_b, i_t,
+    B, T, F, J, C, g_b, g_t, g_j, g_c, i_b, i_t,
     POS: tl.constexpr, BJ: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (f, B): grad_x[b, index[b, t]] = grad[b, t] (rows distinct: no conflicts); grad_pos[b,
+    """Grid (B * f,): program b * f + t (T = f). grad_x[b, index[b, t]] = grad[b, t] (rows distinct: no conflicts); grad_pos[b,
     t] = sum over J (POS == 1), or, in the programs of b = 0, grad_pos[0, t] = sum over b then J
     (POS == 2). float32 sums in a fixed order."""
-    t = tl.program_id(0).to(tl.int64)
-    nt = tl.num_programs(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    nt = T  # an argument of 1 arrives as a constexpr (Triton's specialization): no .to() on it
+    t = pid % nt
+    b = pid // nt
     dst = tl.load(idx_ptr + b * i_b + t * i_t)
     gsrc = g_ptr + b * g_b + t * g_t
     gdst = gx_ptr + (b * F + dst) * J * C

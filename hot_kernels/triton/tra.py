@@ -81,6 +81,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _alloc
+from ._device import on_input_device
 from . import tra_kernels as K
 
 __all__ = ["token_recovering_attention", "token_recovering_attention_backward"]
@@ -261,6 +262,7 @@ def _launch_out_proj(cfg, o, wo, bo, res, out, L):
     )
 
 
+@on_input_device
 def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual):
     """-> [out (S, L, C) in x's dtype, lse (S, H, L) float32]; see the module docstring."""
     S, M, C = x.shape
@@ -284,6 +286,7 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
     return [out, lse]
 
 
+@on_input_device
 def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale,
                                         residual):
     """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; see the module docstring.

@@ -1,5 +1,5 @@
-// The CUDA TPC ops (csrc/cuda/tpc_distance.cu, tpc_select.cu, gather_frames.cu: host glue and
-// kernels, unchanged) compiled as plain C++ against the CPU emulation in tpc_emu.h, registered as
+// The CUDA TPC ops (csrc/cuda/tpc_distance.cu, tpc_select.cu, gather_frames.cu, and interp_merge.cu's
+// token_recovering_interpolation / merge_tokens: host glue and kernels, unchanged) compiled as plain C++ against the CPU emulation in tpc_emu.h, registered as
 // torch.ops.hot_kernels_tpc_emu.*. Built by tests/test_cuda_emulation_tpc.py with -DTPC_EMULATE
 // -DHOT_KERNELS_WITH_CUDA and csrc/ on the include path. "CUDA tensors" are CPU tensors here.
 #include <ATen/core/Tensor.h>
@@ -10,6 +10,7 @@
 #include "tpc_emu.h"
 // The emulation must come before the sources: they take the CUDA built-ins from it.
 #include "cuda/gather_frames.cu"
+#include "cuda/interp_merge.cu"
 #include "cuda/tpc_distance.cu"
 #include "cuda/tpc_select.cu"
 
@@ -78,6 +79,10 @@ TORCH_LIBRARY(hot_kernels_tpc_emu, m) {
   m.def("dpc_knn", &hot_kernels::dpc_knn_cuda);
   m.def("gather_frames", &hot_kernels::gather_frames_cuda);
   m.def("gather_frames_backward", &hot_kernels::gather_frames_backward_cuda);
+  m.def("token_recovering_interpolation", &hot_kernels::token_recovering_interpolation_cuda);
+  m.def("token_recovering_interpolation_backward", &hot_kernels::token_recovering_interpolation_backward_cuda);
+  m.def("merge_tokens", &hot_kernels::merge_tokens_cuda);
+  m.def("merge_tokens_backward", &hot_kernels::merge_tokens_backward_cuda);
   m.def("set_policy", &set_policy);
   m.def("set_force_fma", &set_force_fma);
   m.def("stats", &stats);
