@@ -20,14 +20,13 @@ ASSIGN_MAX_PROGRAMS (the assignment's tiles and programs per sample), F32_DOT_PR
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
 import torch
 import triton
 
-from . import _alloc
+from . import _alloc, _target
 from . import tpc_kernels as K
 
 __all__ = [
@@ -115,18 +114,13 @@ def _mask_args(token_mask, like: torch.Tensor):
 # ---- the selection statistics and dpc_knn ---------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _sweep_bm(p: _Points) -> int:
     """Row tile of the sweeps: SWEEP_BM, halved (down to 16) while the grid would have fewer than
     two programs per SM. A program's serial work (all column tiles) scales with its rows, so
     small batches get more, shorter programs."""
     bm = _block(p.N, SWEEP_BM)
-    if p.x.is_cuda:
-        sms = _sm_count(p.x.device.index if p.x.device.index is not None else torch.cuda.current_device())
+    sms = _target.sm_count(p.x)
+    if sms is not None:
         while bm > 16 and p.B * triton.cdiv(p.N, bm) < 2 * sms:
             bm //= 2
     return bm
