@@ -111,6 +111,57 @@ def _mask_args(token_mask, like: torch.Tensor):
     return m, m.stride(0), m.stride(1), True
 
 
+# ---- pooled input: pool inside the loads, or pool once into a (B, N, C) float32 copy -------------
+
+
+def pooled_traffic(B: int, N: int, J: int, C: int, elem: int, k: int, bm: int, bn: int) -> dict:
+    """Bytes the two selection sweeps (density, delta) and their exact recomputations load from the
+    points of a pooled (B, N, J, C) input of elem-byte elements, by path:
+
+    - "in_kernel": every load reads all J joints: each (row tile, column tile) visit loads both
+      tiles and the pivot row (bm + bn + 1 points of J * C elements), twice (two sweeps), and the
+      exact recomputation loads 2 points per kept neighbour (k - 1) and per parent;
+    - "pool_once": one pass reads x (B * N * J * C elements) and writes the float32 mean
+      (B * N * C * 4 bytes); the same loads then read C float32 values per point.
+
+    An upper bound of the sweeps' traffic (the delta sweep skips column tiles with no higher
+    token; caches absorb part of the re-reads), the same bound for both paths. The assignment
+    (return_assignment) is left out: it reads the points once more per (row, picked) tile pair,
+    which adds to the in-kernel path's side."""
+    tiles = B * (-(-N // bm)) * (-(-N // bn))
+    points = 2 * tiles * (bm + bn + 1) + 2 * B * N * (max(int(k) - 1, 0) + 1)
+    in_kernel = points * J * C * elem
+    pool_once = B * N * J * C * elem + B * N * C * 4 + points * C * 4
+    return {"in_kernel": in_kernel, "pool_once": pool_once}
+
+
+POOL_ONCE = "auto"  # "auto" (the smaller of pooled_traffic), "always", "never"
+POOL_BR = 32
+
+
+def _use_pool_once(p: "_Points", k: int) -> bool:
+    if not p.pool or POOL_ONCE == "never":
+        return False
+    if POOL_ONCE == "always":
+        return True
+    if POOL_ONCE != "auto":
+        raise ValueError(f"hot_kernels.triton.tpc.POOL_ONCE must be 'auto', 'always' or 'never', got {POOL_ONCE!r}")
+    t = pooled_traffic(p.B, p.N, p.J, p.C, p.x.element_size(), k, _sweep_bm(p), _block(p.N, SWEEP_BN))
+    return t["pool_once"] < t["in_kernel"]
+
+
+def _pool_once(op: str, p: "_Points", k: int) -> "_Points":
+    """p itself, or (by _use_pool_once) the points of a (B, N, C) float32 copy holding the mean
+    over J: bitwise the values the pooled loads compute, so the results do not depend on the path."""
+    if p.B == 0 or p.N == 0 or not _use_pool_once(p, k):
+        return p
+    out = _alloc.empty((p.B, p.N, p.C), dtype=torch.float32, device=p.x.device)
+    K._pool_kernel[(triton.cdiv(p.N, POOL_BR), p.B)](
+        p.x, out, *p.args(), BR=POOL_BR, BC=min(BC_F32 * 4, _block(p.C, 1 << 30)), num_warps=4,
+    )
+    return _Points(op, out)
+
+
 # ---- the selection statistics and dpc_knn ---------------------------------------------------------
 
 
@@ -185,6 +236,7 @@ def _select(score, mask, exclude, center: int, keep_center: bool, sorted: bool, 
 def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: bool) -> torch.Tensor:
     """x (B, N, C) -> (B, N) float32: log rho (log=True) or rho. One launch."""
     p = _Points("knn_density", x)
+    p = _pool_once("knn_density", p, int(k))
     out = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
     if p.B == 0 or p.N == 0:
         return out
@@ -196,6 +248,7 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     """x (B, N, C), density (B, N) (rho or log rho, any float dtype) -> (delta (B, N) float32,
     parent (B, N) int64). Two launches: the largest real distance per row, then the delta sweep."""
     p = _Points("dpc_delta", x)
+    p = _pool_once("dpc_delta", p, 1)
     delta = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
     parent = _alloc.empty((p.B, p.N), dtype=torch.long, device=x.device)
     if p.B == 0 or p.N == 0:
@@ -227,6 +280,7 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
     (log rho, largest real e per row), delta sweep (score = delta * rho), per-sample selection
     (+ the assignment when asked)."""
     p = _Points("dpc_knn", x)
+    p = _pool_once("dpc_knn", p, int(k))
     B, N = p.B, p.N
     f = int(f)
     index = _alloc.empty((B, f), dtype=torch.long, device=x.device)
