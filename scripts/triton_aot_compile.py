@@ -457,7 +457,7 @@ def run(set_name: str, archs, jobs: int, flt: str | None, list_only: bool = Fals
                 set=set_name, archs=[f"sm_{a}" for a in archs], compilations=len(results),
                 compile_seconds=round(time.time() - t0, 1), total_seconds=round(time.time() - t_start, 1), jobs=jobs,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                command="python " + " ".join([os.path.relpath(__file__)] + sys.argv[1:]) if __name__ == "__main__"
+                command=" ".join([sys.executable, os.path.relpath(__file__)] + sys.argv[1:]) if __name__ == "__main__"
                 else None)
     return dict(meta=meta, results=results, errors=errors)
 
