@@ -156,8 +156,9 @@ def _pool_once(op: str, p: "_Points", k: int) -> "_Points":
     if p.B == 0 or p.N == 0 or not _use_pool_once(p, k):
         return p
     out = _alloc.empty((p.B, p.N, p.C), dtype=torch.float32, device=p.x.device)
-    K._pool_kernel[(triton.cdiv(p.N, POOL_BR), p.B)](
-        p.x, out, *p.args(), BR=POOL_BR, BC=min(BC_F32 * 4, _block(p.C, 1 << 30)), num_warps=4,
+    n_rb = triton.cdiv(p.N, POOL_BR)
+    K._pool_kernel[(p.B * n_rb,)](
+        p.x, out, *p.args(), n_rb, BR=POOL_BR, BC=min(BC_F32 * 4, _block(p.C, 1 << 30)), num_warps=4,
     )
     return _Points(op, out)
 

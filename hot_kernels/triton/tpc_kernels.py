@@ -664,14 +664,16 @@ def _gather_bwd_kernel(
 def _pool_kernel(
     x_ptr,    # (B, N, J, C), any strides, float16/bfloat16/float32
     out_ptr,  # (B, N, C) float32 contiguous: the mean over J
-    N, C, J, s_b, s_n, s_j, s_c,
+    N, C, J, s_b, s_n, s_j, s_c, n_rb,
     BR: tl.constexpr, BC: tl.constexpr,
 ):
-    """Grid (cdiv(N, BR), B): out[b, n] = mean over j of x[b, n, j], computed by _load_pts itself
-    (float32, j ascending, then / J), so the plain float32 sweeps over out see bitwise the values
-    the pooled sweeps compute inside their loads - read once here instead of on every tile visit."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    b = tl.program_id(1).to(tl.int64)
+    """Grid (B * n_rb,), n_rb = cdiv(N, BR) (the batch folded into axis 0: no 65535 cap):
+    out[b, n] = mean over j of x[b, n, j], computed by _load_pts itself (float32, j ascending,
+    then / J), so the plain float32 sweeps over out see bitwise the values the pooled sweeps
+    compute inside their loads - read once here instead of on every tile visit."""
+    pid = tl.program_id(0)
+    b = (pid // n_rb).to(tl.int64)
+    rows = (pid % n_rb) * BR + tl.arange(0, BR)
     rok = rows < N
     xb = x_ptr + b * s_b
     ob = out_ptr + b * N * C
