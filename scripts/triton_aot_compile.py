@@ -15,7 +15,7 @@ modules that no launch reached, a compile error, or shared memory above the arch
 makes the exit status 1 (and tests/test_triton_aot.py fail).
 
 Sets: ``ci`` (default HoT configurations, mostly bfloat16: every kernel at least once per arch;
-34 compilations, ~45 s on 2 cores) and ``full`` (k up to 32, float32/float16/bfloat16, pooled
+36 compilations, ~45 s on 2 cores) and ``full`` (k up to 32, float32/float16/bfloat16, pooled
 (once and in every load) and plain, masks, centers, both selection orders, assignment, large N,
 TRA head dims 32/64/128 including the fused C <= 128 path, batch sizes that reach every sweep
 row tile; ~1050 compilations, ~25 min per arch on one core).
@@ -199,7 +199,7 @@ def _tpc(rec: Recording, full: bool, sms: int):
                             if not pooled and full and k in (2, 32):
                                 rec.call("knn_density " + tag, tpc.knn_density, xx, k, m, True)
                             for srt in ((True, False) if full else (True,)):
-                                for ra in ((False, True) if full else (False,)):
+                                for ra in ((False, True) if full or not pooled else (False,)):
                                     rec.call(f"dpc_knn {tag} center={center} sorted={srt} asg={ra}", tpc.dpc_knn,
                                              xx, f, k, m, center, center is not None, srt, ra,
                                              hot=hot and pooled and srt and not ra)
@@ -512,6 +512,8 @@ def main(argv=None):
             ap.error(f"--arch: expected a comma list of {sorted(ARCHS)}, got {a.arch!r}")
     report = run(a.set, archs, a.jobs, a.filter, a.list)
     if a.list:
+        for e in report["errors"]:
+            print("ERROR:", e)
         return 1 if report["errors"] else 0
     if a.json:
         with open(a.json, "w") as fh:
