@@ -202,7 +202,7 @@ def _tpc(rec: Recording, full: bool, sms: int):
                                 for ra in ((False, True) if full or not pooled else (False,)):
                                     rec.call(f"dpc_knn {tag} center={center} sorted={srt} asg={ra}", tpc.dpc_knn,
                                              xx, f, k, m, center, center is not None, srt, ra,
-                                             hot=hot and pooled and srt and not ra)
+                                             hot=hot and pooled and mode == "auto" and srt and not ra)
                         if not pooled and full:
                             dens = torch.empty(B, N, dtype=torch.float32, device=DEV)
                             rec.call(f"dpc_delta {dn} B={B} N={N} C={C} mask={m is not None}", tpc.dpc_delta,
