@@ -20,7 +20,6 @@ ASSIGN_WARPS / ASSIGN_MAX_PROGRAMS (the assignment's tiles, warps and programs p
 """
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -29,7 +28,7 @@ import triton
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
-from . import _alloc
+from . import _alloc, _target
 from ._device import on_input_device
 from . import tpc_kernels as K
 
@@ -135,12 +134,59 @@ def _mask_args(token_mask, like: torch.Tensor):
     return m, m.stride(0), m.stride(1), True
 
 
+# ---- pooled input: pool inside the loads, or pool once into a (B, N, C) float32 copy -------------
+
+
+def pooled_traffic(B: int, N: int, J: int, C: int, elem: int, k: int, bm: int, bn: int) -> dict:
+    """Bytes the two selection sweeps (density, delta) and their exact recomputations load from the
+    points of a pooled (B, N, J, C) input of elem-byte elements, by path:
+
+    - "in_kernel": every load reads all J joints: each (row tile, column tile) visit loads both
+      tiles and the pivot row (bm + bn + 1 points of J * C elements), twice (two sweeps), and the
+      exact recomputation loads 2 points per kept neighbour (k - 1) and per parent;
+    - "pool_once": one pass reads x (B * N * J * C elements) and writes the float32 mean
+      (B * N * C * 4 bytes); the same loads then read C float32 values per point.
+
+    An upper bound of the sweeps' traffic (the delta sweep skips column tiles with no higher
+    token; caches absorb part of the re-reads), the same bound for both paths. The assignment
+    (return_assignment) is left out: it reads the points once more per (row, picked) tile pair,
+    which adds to the in-kernel path's side."""
+    tiles = B * (-(-N // bm)) * (-(-N // bn))
+    points = 2 * tiles * (bm + bn + 1) + 2 * B * N * (max(int(k) - 1, 0) + 1)
+    in_kernel = points * J * C * elem
+    pool_once = B * N * J * C * elem + B * N * C * 4 + points * C * 4
+    return {"in_kernel": in_kernel, "pool_once": pool_once}
+
+
+POOL_ONCE = "auto"  # "auto" (the smaller of pooled_traffic), "always", "never"
+POOL_BR = 32
+
+
+def _use_pool_once(p: "_Points", k: int) -> bool:
+    if not p.pool or POOL_ONCE == "never":
+        return False
+    if POOL_ONCE == "always":
+        return True
+    if POOL_ONCE != "auto":
+        raise ValueError(f"hot_kernels.triton.tpc.POOL_ONCE must be 'auto', 'always' or 'never', got {POOL_ONCE!r}")
+    t = pooled_traffic(p.B, p.N, p.J, p.C, p.x.element_size(), k, _sweep_bm(p), _block(p.N, SWEEP_BN))
+    return t["pool_once"] < t["in_kernel"]
+
+
+def _pool_once(op: str, p: "_Points", k: int) -> "_Points":
+    """p itself, or (by _use_pool_once) the points of a (B, N, C) float32 copy holding the mean
+    over J: bitwise the values the pooled loads compute, so the results do not depend on the path."""
+    if p.B == 0 or p.N == 0 or not _use_pool_once(p, k):
+        return p
+    out = _alloc.empty((p.B, p.N, p.C), dtype=torch.float32, device=p.x.device)
+    n_rb = triton.cdiv(p.N, POOL_BR)
+    _k(K._pool_kernel)[_grid(p.B * n_rb)](
+        p.x, out, *p.args(), n_rb, BR=POOL_BR, BC=min(BC_F32 * 4, _block(p.C, 1 << 30)), num_warps=4,
+    )
+    return _Points(op, out)
+
+
 # ---- the selection statistics and dpc_knn ---------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _sweep_bm(p: _Points) -> int:
@@ -148,8 +194,8 @@ def _sweep_bm(p: _Points) -> int:
     two programs per SM. A program's serial work (all column tiles) scales with its rows, so
     small batches get more, shorter programs."""
     bm = _block(p.N, SWEEP_BM)
-    if p.x.is_cuda:
-        sms = _sm_count(p.x.device.index if p.x.device.index is not None else torch.cuda.current_device())
+    sms = _target.sm_count(p.x)
+    if sms is not None:
         while bm > 16 and p.B * triton.cdiv(p.N, bm) < 2 * sms:
             bm //= 2
     return bm
@@ -216,6 +262,7 @@ def _assign(p: _Points, index, asg) -> None:
 def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None, log: bool) -> torch.Tensor:
     """x (B, N, C) -> (B, N) float32: log rho (log=True) or rho. One launch."""
     p = _Points("knn_density", x)
+    p = _pool_once("knn_density", p, int(k))
     out = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
     if p.B == 0 or p.N == 0:
         return out
@@ -228,6 +275,7 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     """x (B, N, C), density (B, N) (rho or log rho, any float dtype) -> (delta (B, N) float32,
     parent (B, N) int64). Two launches: the largest real distance per row, then the delta sweep."""
     p = _Points("dpc_delta", x)
+    p = _pool_once("dpc_delta", p, 1)
     delta = _alloc.empty((p.B, p.N), dtype=torch.float32, device=x.device)
     parent = _alloc.empty((p.B, p.N), dtype=torch.long, device=x.device)
     if p.B == 0 or p.N == 0:
@@ -262,6 +310,7 @@ def dpc_knn(x: torch.Tensor, f: int, k: int, token_mask: torch.Tensor | None, ce
     rho), per-sample selection (one program per sample), then, when asked, the assignment (up to
     ASSIGN_MAX_PROGRAMS programs per sample reading the selection)."""
     p = _Points("dpc_knn", x)
+    p = _pool_once("dpc_knn", p, int(k))
     B, N = p.B, p.N
     f = int(f)
     index = _alloc.empty((B, f), dtype=torch.long, device=x.device)

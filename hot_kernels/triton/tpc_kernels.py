@@ -675,3 +675,29 @@ def _gather_bwd_kernel(
                         psum += tl.sum(v.to(tl.float32), axis=0)
                     gsb += g_b
                 tl.store(gp_ptr + t * C + cs, psum.to(gp_ptr.dtype.element_ty), mask=cok)
+
+
+# ---- pool once: (B, N, J, C) -> (B, N, C) float32 ---------------------------------------------------
+
+
+@triton.jit
+def _pool_kernel(
+    x_ptr,    # (B, N, J, C), any strides, float16/bfloat16/float32
+    out_ptr,  # (B, N, C) float32 contiguous: the mean over J
+    N, C, J, s_b, s_n, s_j, s_c, n_rb,
+    BR: tl.constexpr, BC: tl.constexpr,
+):
+    """Grid (B * n_rb,), n_rb = cdiv(N, BR) (the batch folded into axis 0: no 65535 cap):
+    out[b, n] = mean over j of x[b, n, j], computed by _load_pts itself (float32, j ascending,
+    then / J), so the plain float32 sweeps over out see bitwise the values the pooled sweeps
+    compute inside their loads - read once here instead of on every tile visit."""
+    pid = tl.program_id(0)
+    b = (pid // n_rb).to(tl.int64)
+    rows = (pid % n_rb) * BR + tl.arange(0, BR)
+    rok = rows < N
+    xb = x_ptr + b * s_b
+    ob = out_ptr + b * N * C
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        v = _load_pts(xb, rows, rok, c, s_n, s_j, s_c, C, J, True, True)
+        tl.store(ob + rows.to(tl.int64)[:, None] * C + c[None, :], v, mask=rok[:, None] & (c < C)[None, :])

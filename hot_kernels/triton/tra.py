@@ -80,7 +80,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from . import _alloc
+from . import _alloc, _target
 from ._device import on_input_device
 from . import tra_kernels as K
 
@@ -152,24 +152,42 @@ def _prec(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _configs(dtype: torch.dtype, D: int, C: int, L: int, M: int) -> dict:
-    """Block sizes, warps and stages of every kernel for this dtype and head width. The module
-    knobs apply as they are to 16-bit inputs with D <= 64; a head row of more bytes (float32, or
-    D > 64) gets smaller row tiles, fewer keys per backward program and fewer stages, so that the
-    tiles fit the 227 KB of shared memory of an H100 SM (checked with ptxas for D = 16..256)."""
+def _configs(dtype: torch.dtype, D: int, C: int, L: int, M: int, arch: int | None = None) -> dict:
+    """Block sizes, warps and stages of every kernel for this dtype and head width on sm_<arch>
+    (None: off CUDA, taken as sm_90). The module knobs apply as they are to 16-bit inputs with
+    D <= 64 on sm_90; a head row of more bytes (float32, or D > 64) gets smaller row tiles, fewer
+    keys per backward program and fewer stages, so that the tiles fit the 227 KB of shared memory
+    of an H100 SM (checked with ptxas for D = 16..256). Register spills (ptxas, Triton 3.6 and
+    3.9, scripts/triton_aot_compile.py; issue 15 item 3) set the rest:
+    - float32 never fuses the output projection: the (64, C) float32 output tile next to the
+      float32 attention state spilled 12-1800 B at every head width, on sm_90 and sm_80, and
+      smaller row tiles or fewer columns still spilled or recomputed the attention;
+    - float32 heads of 128 take 16-row forward tiles (32 rows spilled 72-80 B);
+    - sm_8x (64K registers as on sm_90, but fewer SMs and 163 KB of shared memory): float32
+      forward and dQ tiles of 32 rows at D = 64 (64 rows: 72 / 652 B of spills), a 64-row float32
+      output projection tile (128 rows: 960 B), 16 query rows in the 16-bit dK/dV kernel (32:
+      104 B) and 8 warps in the float32 one (4: 292 B), 8 warps for the fused 16-bit forward at
+      D = 64 (4: 32 B)."""
     elem = 4 if dtype == torch.float32 else 2
+    sm8x = arch is not None and arch < 90
     bd = max(16, _np2(D))
     row = elem * bd  # bytes of one head row: 128 for bf16 D = 64
-    fuse = C <= FWD_FUSE_MAX_C
-    fwd_l = _rows(L, FWD_BLOCK_L if row <= 256 else (32 if row <= 512 else 16))
+    fuse = C <= FWD_FUSE_MAX_C and elem == 2
+    if elem == 4 and row > 256:  # float32 D > 64
+        fwd_cap = 16
+    elif elem == 4 and row > 128 and sm8x:  # float32 D = 64 on sm_8x
+        fwd_cap = min(FWD_BLOCK_L, 32)
+    else:
+        fwd_cap = FWD_BLOCK_L if row <= 256 else (32 if row <= 512 else 16)
+    fwd_l = _rows(L, fwd_cap)
     narrow_keys = 64 if row <= 256 else (32 if row <= 512 else 16)  # BLOCK_N cap of the key loops
     fuse_c = min(max(16, _np2(C)), _np2(FWD_FUSE_BLOCK_C))
     if elem == 2 and row <= 128:
-        bwd = (BWD_BLOCK_L, BWD_MAX_KEYS, BWD_CHUNK_KEYS, BWD_WARPS, BWD_STAGES)
+        bwd = (16 if sm8x else BWD_BLOCK_L, BWD_MAX_KEYS, BWD_CHUNK_KEYS, BWD_WARPS, BWD_STAGES)
     elif elem == 2 and row <= 256:  # 16-bit D = 128
         bwd = (16, BWD_MAX_KEYS, BWD_CHUNK_KEYS, BWD_WARPS, 1)
     elif row <= 256:  # float32 D <= 64
-        bwd = (16, 64, 64, 4, 1)
+        bwd = (16, 64, 64, 8 if sm8x else 4, 1)
     elif row <= 512:
         bwd = (16, 32, 32, 8, 1)
     else:  # heads wider than the contract's 128 (float32 D > 128): correct, not tuned
@@ -182,18 +200,25 @@ def _configs(dtype: torch.dtype, D: int, C: int, L: int, M: int) -> dict:
         fuse=fuse,
         fwd=dict(BLOCK_L=fwd_l, BLOCK_N=_key_tile(M, narrow_keys), BLOCK_C=fuse_c if fuse else 16,
                  num_warps=FWD_WARPS if row <= 128 else 8,
-                 fuse_warps=FWD_FUSE_WARPS if fwd_l * fuse_c * elem > 64 * 128 * 2 else 4,
+                 fuse_warps=FWD_FUSE_WARPS if fwd_l * fuse_c * elem > 64 * 128 * 2 or (sm8x and bd == 64) else 4,
                  num_stages=FWD_STAGES if row <= 256 else 1),
         n_cg=_cdiv(C, fuse_c) if fuse else 1,
-        out=dict(BLOCK_R=OUT_BLOCK_R, BLOCK_C=_rows(C, OUT_BLOCK_C), BLOCK_K=_rows(C, OUT_BLOCK_K if elem == 2 else 32),
+        out=dict(BLOCK_R=min(OUT_BLOCK_R, 64) if sm8x and elem == 4 else OUT_BLOCK_R, BLOCK_C=_rows(C, OUT_BLOCK_C), BLOCK_K=_rows(C, OUT_BLOCK_K if elem == 2 else 32),
                  num_warps=OUT_WARPS, num_stages=OUT_STAGES),
         bwd=dict(BLOCK_L=_rows(L, bwd_l), BLOCK_M=block_m, num_warps=bwd_warps if block_m >= 64 else 4,
                  num_stages=bwd_stages),
         n_mc=1 if full <= max_keys else _cdiv(M, block_m),
-        dq=dict(BLOCK_L=_rows(L, DQ_BLOCK_L if row <= 256 else (32 if row <= 512 else 16)),
+        dq=dict(BLOCK_L=_rows(L, (min(DQ_BLOCK_L, 32) if sm8x and elem == 4 and row > 128 else DQ_BLOCK_L)
+                              if row <= 256 else (32 if row <= 512 else 16)),
                 BLOCK_N=_key_tile(M, min(narrow_keys, 64 if row <= 128 else 32)),
                 num_warps=DQ_WARPS if row <= 128 else 8, num_stages=DQ_STAGES),
     )
+
+
+def _arch(x: torch.Tensor) -> int | None:
+    """sm_<arch> of x's GPU as an int (90 for an H100), None off CUDA."""
+    cap = _target.capability(x)
+    return None if cap is None else 10 * cap[0] + cap[1]
 
 
 def _project(query, x, wq, bq, wk, bk, wv, bv):
@@ -273,7 +298,7 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
     query, x, wo = query.contiguous(), x.contiguous(), wo.contiguous()
     bo = None if bo is None else bo.contiguous()
     res = query if residual else None
-    cfg = _configs(x.dtype, D, C, L, M)
+    cfg = _configs(x.dtype, D, C, L, M, _arch(x))
     Q, KV, _ = _project(query, x, wq, bq, wk, bk, wv, bv)
     lse = _alloc.empty((S, H, L), dtype=torch.float32, device=x.device)
     out = _alloc.empty((S, L, C), dtype=x.dtype, device=x.device)
@@ -303,7 +328,7 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
     G = grad_out.contiguous()
     query, x, wo, wq = query.contiguous(), x.contiguous(), wo.contiguous(), wq.contiguous()
     lse = lse.contiguous()
-    cfg = _configs(dtype, D, C, L, M)
+    cfg = _configs(dtype, D, C, L, M, _arch(x))
     Q, KV, wkv = _project(query, x, wq, bq, wk, bk, wv, bv)
     G2 = G.view(S * L, C)
     dO = torch.mm(G2, wo).view(S, L, C)  # out = o Wo^T  ->  dO = grad_out Wo
