@@ -125,8 +125,10 @@ def test_grids_within_cuda_limits_at_large_batch(monkeypatch):
             "_gather_kernel", "_gather_bwd_kernel", "_tra_fwd_kernel"} <= names
     for name, grid in log:
         assert len(grid) <= 3 and all(1 <= g <= lim for g, lim in zip(grid, CUDA_GRID_LIMITS)), (name, grid)
-        # the batch lives on axis 0: at least one program per sample there
-        assert grid[0] >= B, (name, grid)
+        # the batch lives on axis 0: at least one program per sample there (TRA's separate output
+        # projection tiles the flattened (S*L, C) rows instead)
+        if name != "_tra_out_kernel":
+            assert grid[0] >= B, (name, grid)
 
 
 def test_grid_past_axis0_limit_raises():
@@ -337,7 +339,9 @@ from torch._functorch.aot_autograd import aot_export_module
 from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-tpc._sm_count = lambda index: 132  # no CUDA device here: what the wrappers would query
+from hot_kernels.triton import _target
+_GPU = _target.override((9, 0), 132)
+_GPU.__enter__()  # no CUDA device here: what the wrappers would query (an H100/H200)
 torch.cuda.device = lambda dev: contextlib.nullcontext()  # nor a device to enter
 ops = torch.ops.hot_kernels
 
