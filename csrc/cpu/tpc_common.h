@@ -85,11 +85,17 @@ constexpr int64_t kFullMaxN = 2048;  // largest N with a full N x N block per sa
 constexpr int64_t kStairTile = 64;   // row tile of the full block (a multiple of 4)
 constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrinks for huge k)
 // Fewer samples than threads: a sample is split over the threads when its distance block is big
-// enough to pay for the extra barriers: N >= kIntraMinN, or N >= kIntraMinSplitN with
-// N^2 C >= kIntraMinWork (the work of N = 384 at C = 512; e.g. TPC-MHFormer's N = 351, C = 1536).
+// enough to pay for the extra barriers: N >= kIntraMinN, or N >= kIntraMinSplitN with N^2 C at
+// least the path's threshold. On the AVX-512 path (hand-written Gram kernel) that is the work of
+// N = 384 at C = 512 (TPC-MHFormer's N = 351, C = 1536 splits; N = 243, C <= 512 does not); on the
+// AVX2 and generic paths the block is a slower BLAS call and splitting pays from N = 128, C = 64
+// (measured at B = 1, N = 243 between torch ops, 2 threads, Zen 5 with the avx2 path forced:
+// dpc_knn 0.69 -> 0.45 ms at C = 256, token_pruning_cluster 1.21 -> 0.78 ms; the AVX-512 path
+// got slower when split at C = 256 and 512).
 constexpr int64_t kIntraMinN = 384;
 constexpr int64_t kIntraMinSplitN = 2 * 64;  // two stair tiles
-constexpr int64_t kIntraMinWork = int64_t(384) * 384 * 512;
+constexpr int64_t kIntraMinWorkAvx512 = int64_t(384) * 384 * 512;
+constexpr int64_t kIntraMinWorkBlas = int64_t(128) * 128 * 64;
 constexpr int64_t kPadRows = 4;      // zero rows after the last token of a centred copy
 constexpr int64_t kGramColBlock = 256;  // column chunk of the AVX-512 Gram kernel (a multiple of 4)
 // Pairs with d2 < (|x_i|^2 + |x_j|^2) / kRefineDiv are recomputed by direct differences.
@@ -1464,7 +1470,9 @@ inline void run(const Job<T>& job) {
     run_panels(job, nt);
     return;
   }
-  const bool split = job.N >= kIntraMinN || (job.N >= kIntraMinSplitN && job.N * job.N * job.C >= kIntraMinWork);
+  const bool gram_kernel = std::is_same_v<T, float> && use_avx512_gram();  // else the block is BLAS
+  const int64_t min_work = gram_kernel ? kIntraMinWorkAvx512 : kIntraMinWorkBlas;
+  const bool split = job.N >= kIntraMinN || (job.N >= kIntraMinSplitN && job.N * job.N * job.C >= min_work);
   if (job.B < nt && split) {
     SampleWork<T> w;
     size_work(job, w);
