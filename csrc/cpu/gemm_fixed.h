@@ -4,9 +4,9 @@
 // A multi-threaded BLAS call may split its work, and so its sums, by the thread count: MKL does
 // for small shapes (e.g. 11 x 32 x 32). Here every product is cut into fixed blocks of rows of the
 // output, and each block is one BLAS call made inside an active OpenMP region, where BLAS runs
-// single-threaded. The blocks depend on the shapes only: at least kGemmMinRows rows (each block
-// packs all of b, which for a weight gradient is a whole chunk of activations) and at most
-// kGemmMaxBlocks per matrix.
+// single-threaded. The blocks depend on the shapes only: about kGemmMinRows rows (each block packs
+// all of b, which for a weight gradient is a whole chunk of activations), equal in size, and at
+// most kGemmMaxBlocks per matrix.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -21,9 +21,13 @@ namespace hot_kernels {
 constexpr int64_t kGemmMinRows = 256;
 constexpr int64_t kGemmMaxBlocks = 16;
 
-// Rows per block for an m-row output.
+// Rows per block for an m-row output: ceil(m / kGemmMinRows) blocks (at most kGemmMaxBlocks), made
+// even where the rows allow it, all of the same size (so that 2 threads get equal shares: 1377
+// rows are 6 blocks of 230, not 5 of 256 and one of 97). Depends on m only.
 inline int64_t gemm_block_rows(int64_t m) {
-  return std::max(kGemmMinRows, (m + kGemmMaxBlocks - 1) / kGemmMaxBlocks);
+  int64_t blocks = std::min(kGemmMaxBlocks, std::max<int64_t>(1, (m + kGemmMinRows - 1) / kGemmMinRows));
+  if (blocks > 1 && blocks % 2 == 1 && m / (blocks + 1) >= kGemmMinRows / 2) ++blocks;
+  return std::max<int64_t>(1, (m + blocks - 1) / blocks);
 }
 
 // Runs task(i) for i in [0, tasks) on the full OpenMP team (BLAS single-threaded inside). The
