@@ -19,7 +19,7 @@ need=()
 # pytest-benchmark suites in benchmarks/; hot-kernels bench runs without them and says so.
 for mod_pkg in setuptools:setuptools wheel:wheel ninja:ninja numpy:numpy pytest:pytest \
                hypothesis:hypothesis triton:triton matplotlib:matplotlib \
-               pytest_benchmark:pytest-benchmark; do
+               pytest_benchmark:pytest-benchmark xdist:pytest-xdist; do
   mod=${mod_pkg%%:*}; pkg=${mod_pkg##*:}
   "$PY" -c "import $mod" 2>/dev/null || need+=("$pkg")
 done
