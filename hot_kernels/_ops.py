@@ -6,9 +6,9 @@ dpc_knn, gather_frames and their backwards) are ``torch.library.triton_op``s whe
 compiles (not under TRITON_INTERPRET=1): their body runs the "triton" backend's wrapper, whose
 kernels launch through ``wrap_triton``, so torch.compile / AOTInductor trace into the Triton
 kernels, while "cpu"/"cuda" call an opaque ``hot_kernels::compiled_<op>`` custom op (the C++
-kernels of ``hot_kernels._C``). torch.export keeps the public op whole either way. TRA is still
-a plain custom op on every backend (its Triton wrapper, hot_kernels/triton/tra.py, does not launch
-through wrap_triton yet). A fake (meta)
+kernels of ``hot_kernels._C``). torch.export keeps the public op whole either way. TRA
+(token_recovering_attention and its backward) is registered the same way; the new ops
+(token_recovering_interpolation, merge_tokens) are plain custom ops on every backend. A fake (meta)
 implementation gives output shapes without running anything, so ``torch.compile(fullgraph=True)``,
 ``torch.export`` and CUDA graphs see one op per call; autograd is registered where DESIGN.md makes
 an op differentiable (pairwise_distance, gather_frames, token_recovering_attention,
@@ -295,7 +295,16 @@ gather_frames.register_autograd(_gather_backward, setup_context=_gather_setup)
 # ---- token_recovering_attention --------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{LIB}::token_recovering_attention", mutates_args=())
+@_compiled_op("token_recovering_attention")
+def _c_token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor,
+                                  bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor], wo: Tensor,
+                                  bo: Optional[Tensor], num_heads: int, scale: float, residual: bool, keep: bool,
+                                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(_run_compiled("token_recovering_attention", backend, query, x, wq, bq, wk, bk, wv, bv, wo, bo,
+                               num_heads, scale, residual, keep))
+
+
+@_public_op("token_recovering_attention")
 def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor], wk: Tensor,
                                bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor], wo: Tensor,
                                bo: Optional[Tensor], num_heads: int, scale: float, residual: bool, keep: bool,
@@ -305,15 +314,12 @@ def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Optiona
     keep (the caller will differentiate): the cpu backend also returns K|V (S*M, 2C) and the
     attention output o (S*L, C) in the compute dtype, which its backward would otherwise recompute;
     the other backends (and keep=False) return empty tensors there."""
-    with _no_autocast(x):
-        if backend == "cpu":
-            out, lse, kv, o = _kernels(backend).token_recovering_attention(
-                query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep)
-        else:
-            out, lse = _kernels(backend).token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo,
-                                                                    num_heads, scale, residual)[:2]
-            kv, o = x.new_empty((0,)), x.new_empty((0,))
-    return out, lse, kv, o
+    if backend == "triton":
+        out, lse = _run_triton("token_recovering_attention", query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads,
+                               scale, residual)
+        return out, lse, x.new_empty((0,)), x.new_empty((0,))
+    return _c_token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual,
+                                         keep, backend)
 
 
 def _tra_kept_shapes(x: Tensor, L: int, keep: bool, backend: str):
@@ -324,7 +330,7 @@ def _tra_kept_shapes(x: Tensor, L: int, keep: bool, backend: str):
     return (0,), (0,)
 
 
-@token_recovering_attention.register_fake
+@_fake(token_recovering_attention, _c_token_recovering_attention)
 def _(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep, backend):
     S, _, C = x.shape
     L = query.shape[1]
@@ -334,7 +340,17 @@ def _(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep
             x.new_empty(kv_shape, dtype=kept_dtype), x.new_empty(o_shape, dtype=kept_dtype))
 
 
-@torch.library.custom_op(f"{LIB}::token_recovering_attention_backward", mutates_args=())
+@_compiled_op("token_recovering_attention_backward")
+def _c_token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tensor, wq: Tensor,
+                                           bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], wv: Tensor,
+                                           bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], lse: Tensor,
+                                           kv: Tensor, o: Tensor, num_heads: int, scale: float, residual: bool,
+                                           backend: str) -> list[Tensor]:
+    return list(_run_compiled("token_recovering_attention_backward", backend, grad_out, query, x, wq, bq, wk, bk,
+                              wv, bv, wo, bo, lse, kv, o, num_heads, scale, residual))
+
+
+@_public_op("token_recovering_attention_backward")
 def token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tensor, wq: Tensor, bq: Optional[Tensor],
                                         wk: Tensor, bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor],
                                         wo: Tensor, bo: Optional[Tensor], lse: Tensor, kv: Tensor, o: Tensor,
@@ -342,15 +358,14 @@ def token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tens
                                         backend: str) -> list[Tensor]:
     """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; a missing bias's is empty.
     kv, o: what the forward kept (empty: recomputed; only the cpu backend keeps them)."""
-    with _no_autocast(grad_out):
-        if backend == "cpu":
-            return list(_kernels(backend).token_recovering_attention_backward(
-                grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o, num_heads, scale, residual))
-        return list(_kernels(backend).token_recovering_attention_backward(
-            grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, num_heads, scale, residual))
+    if backend == "triton":
+        return list(_run_triton("token_recovering_attention_backward", grad_out, query, x, wq, bq, wk, bk, wv, bv,
+                                wo, bo, lse, num_heads, scale, residual))
+    return _c_token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o,
+                                                  num_heads, scale, residual, backend)
 
 
-@token_recovering_attention_backward.register_fake
+@_fake(token_recovering_attention_backward, _c_token_recovering_attention_backward)
 def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o, num_heads, scale, residual, backend):
     def bias_grad(b):
         return x.new_empty((0,)) if b is None else torch.empty_like(b)

@@ -347,7 +347,8 @@ ops = torch.ops.hot_kernels
 
 
 class Model(torch.nn.Module):
-    def forward(self, x, clip, idx, pos, g):
+    def forward(self, x, clip, idx, pos, g, q, xs, wq, bq, wk, bk, wv, bv, wo, bo):
+        w = (wq, bq, wk, bk, wv, bv, wo, bo)
         index, asg = ops.dpc_knn(x, 4, 2, None, None, True, True, True, "triton")
         d = ops.pairwise_distance(x, None, "triton")
         gx, _ = ops.pairwise_distance_backward(d, x, None, d, "triton")
@@ -356,14 +357,18 @@ class Model(torch.nn.Module):
         top = ops.topf_select(delta, 3, False, None, "triton")
         kept = ops.gather_frames(clip, idx, pos, "triton")
         gc, gp = ops.gather_frames_backward(g, idx, 10, 1, "triton")
-        return index, asg, gx, parent, top, kept, gc, gp
+        out, lse, kv, o = ops.token_recovering_attention(q, xs, *w, 2, 0.25, True, True, "triton")
+        grads = ops.token_recovering_attention_backward(out, q, xs, *w, lse, kv, o, 2, 0.25, True, "triton")
+        return index, asg, gx, parent, top, kept, gc, gp, out, *grads
 
 
 with FakeTensorMode(allow_non_fake_inputs=True):
     dev = "cuda"
     args = [torch.empty(2, 40, 8, device=dev), torch.empty(2, 10, 3, 8, device=dev),
             torch.zeros(2, 4, dtype=torch.long, device=dev), torch.empty(1, 4, 8, device=dev),
-            torch.empty(2, 4, 3, 8, device=dev)]
+            torch.empty(2, 4, 3, 8, device=dev), torch.empty(1, 5, 32, device=dev, dtype=torch.bfloat16),
+            torch.empty(3, 4, 32, device=dev, dtype=torch.bfloat16)]
+    args += [torch.empty(*s, device=dev, dtype=torch.bfloat16) for s in [(32, 32), (32,)] * 4]
     gm, _ = aot_export_module(Model(), args, trace_joint=False)
 nodes = [n for n in gm.graph.nodes if n.op == "call_function"]
 print(json.dumps({
@@ -396,7 +401,8 @@ def test_triton_ops_decompose_into_their_kernels():
     assert got["opaque"] == []  # no hot_kernels op left opaque: Inductor sees every kernel
     assert got["kernels"] == ["_density_kernel", "_delta_kernel", "_select_kernel", "_assign_kernel",
                               "_pdist_kernel", "_pdist_bwd_kernel", "_density_kernel", "_density_kernel",
-                              "_delta_kernel", "_select_kernel", "_gather_kernel", "_gather_bwd_kernel"]
+                              "_delta_kernel", "_select_kernel", "_gather_kernel", "_gather_bwd_kernel",
+                              "_tra_fwd_kernel", "_tra_bwd_kv_kernel", "_tra_bwd_dq_kernel"]
 
 
 def test_export_example_model_with_triton_backend():

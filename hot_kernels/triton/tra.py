@@ -83,6 +83,7 @@ import torch.nn.functional as F
 from . import _alloc, _target
 from ._device import on_input_device
 from . import tra_kernels as K
+from .tpc import _k  # wrap_triton: launches Inductor / AOTInductor can trace (torch.library.triton_op)
 
 __all__ = ["token_recovering_attention", "token_recovering_attention_backward"]
 
@@ -247,7 +248,7 @@ def _launch_attention(cfg, Q, KV, out, lse, *, L, M, C, H, D, scale, wo=None, bo
     n_cg = cfg["n_cg"] if fuse else 1
     stride_ol = C if o_row_stride is None else o_row_stride
     dummy = lse
-    K._tra_fwd_kernel[(n_lb * n_cg * S,)](
+    _k(K._tra_fwd_kernel)[(n_lb * n_cg * S,)](
         Q, KV, wo if fuse else dummy, bo if bo is not None else dummy, res if res is not None else dummy,
         out, lse, do if do is not None else dummy, delta if delta is not None else dummy,
         L, M, C, H, D,
@@ -278,7 +279,7 @@ def _launch_out_proj(cfg, o, wo, bo, res, out, L):
     c = cfg["out"]
     n_n = _cdiv(C, c["BLOCK_C"])
     dummy = out
-    K._tra_out_kernel[(_cdiv(R, c["BLOCK_R"]) * n_n,)](
+    _k(K._tra_out_kernel)[(_cdiv(R, c["BLOCK_R"]) * n_n,)](
         o, wo, bo if bo is not None else dummy, res if res is not None else dummy, out,
         R, L, C, n_n,
         BLOCK_R=c["BLOCK_R"], BLOCK_C=c["BLOCK_C"], BLOCK_K=c["BLOCK_K"], EVEN_K=C % c["BLOCK_K"] == 0,
@@ -335,8 +336,8 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
 
     # o with a ones column appended: grad_out^T [o | 1] gives d_wo and d_bo in one GEMM.
     o_aug = _alloc.empty((S, L, C + _O_PAD), dtype=dtype, device=dev)
-    o_aug[..., C] = 1
-    o_aug[..., C + 1:] = 0
+    o_aug.narrow(-1, C, 1).fill_(1)
+    o_aug.narrow(-1, C + 1, _O_PAD - 1).zero_()
     delta = _alloc.empty((S, H, L), dtype=torch.float32, device=dev)
     dKV = _alloc.empty((S, M, 2 * C), dtype=dtype, device=dev)
     n_mc = cfg["n_mc"]
@@ -353,7 +354,7 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
                           do=dO, delta=delta)
     write_dq = fused and not shared
     b = cfg["bwd"]
-    K._tra_bwd_kv_kernel[(n_mc * H * S,)](
+    _k(K._tra_bwd_kv_kernel)[(n_mc * H * S,)](
         Q, KV, dO, lse, delta, o_aug, dQ if write_dq else delta, dKV, dbkv,
         L, M, C, H, D,
         stride_qs, C, M * 2 * C, 2 * C, L * C, C, L * (C + _O_PAD), C + _O_PAD, L * C, C,
@@ -374,7 +375,7 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
             r_part = _alloc.empty((n_chunks, L, C), dtype=torch.float32, device=dev) if residual else None
         else:
             chunk, n_chunks, dq_part = 1, S, dQ
-        K._tra_bwd_dq_kernel[(n_lb * H * n_chunks,)](
+        _k(K._tra_bwd_dq_kernel)[(n_lb * H * n_chunks,)](
             Q, KV, dO, lse, delta, G, dq_part, r_part if r_part is not None else delta,
             S, L, M, C, H, D, chunk,
             stride_qs, C, M * 2 * C, 2 * C, L * C, C, L * C, C, L * C, C,
@@ -384,22 +385,22 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
         )
 
     d_wo_aug = torch.mm(G2.t(), o_aug.view(S * L, C + _O_PAD))  # (C, C + 16)
-    d_wo = d_wo_aug[:, :C]
-    d_bo = None if bo is None else d_wo_aug[:, C]
+    d_wo = d_wo_aug.narrow(1, 0, C)
+    d_bo = None if bo is None else d_wo_aug.select(1, C)
 
     dKV2 = dKV.view(S * M, 2 * C)
     d_x = torch.mm(dKV2, wkv).view(S, M, C)
     d_wkv = torch.mm(dKV2.t(), x.view(S * M, C))  # (2C, C) = [d_wk; d_wv]
-    d_wk, d_wv = d_wkv[:C], d_wkv[C:]
+    d_wk, d_wv = d_wkv.narrow(0, 0, C), d_wkv.narrow(0, C, C)
     d_bk = d_bv = None
     if has_db:
         d_bkv = dbkv.sum((0, 1))  # a fixed-order reduction of float32 partials
-        d_bk = None if bk is None else d_bkv[:C]
-        d_bv = None if bv is None else d_bkv[C:]
+        d_bk = None if bk is None else d_bkv.narrow(0, 0, C)
+        d_bv = None if bv is None else d_bkv.narrow(0, C, C)
 
     if shared:
         dq = dq_part.sum(0)  # (L, C) float32, a fixed-order sum of the chunk partials
-        d_wq = torch.mm(dq.t(), query[0].float())
+        d_wq = torch.mm(dq.t(), query.select(0, 0).float())
         d_bq = None if bq is None else dq.sum(0)
         dquery = torch.mm(dq, wq.float())
         if residual:
@@ -410,17 +411,15 @@ def token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, 
         d_query = (torch.addmm(G2, dQ2, wq) if residual else torch.mm(dQ2, wq)).view(S, L, C)
         d_wq = torch.mm(dQ2.t(), query.view(S * L, C))
         d_bq = None if bq is None else dQ2.sum(0, dtype=torch.float32)
-    grads = [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]
-    # Outputs of the custom op may not alias one another: d_wk/d_wv (and d_bk/d_bv, d_wo/d_bo) are
-    # parts of one GEMM's or one reduction's result; a later part gets its own copy (C or C*C).
-    out, seen = [], set()
-    for g in grads:
-        if g is None:
-            out.append(x.new_empty((0,)))  # an absent bias's gradient
-            continue
-        g = g.to(dtype).contiguous()
-        if g.untyped_storage().data_ptr() in seen:
-            g = g.clone()
-        seen.add(g.untyped_storage().data_ptr())
-        out.append(g)
-    return out
+    # Outputs of the op may not alias one another: d_wk/d_wv, d_bk/d_bv and d_wo/d_bo are parts of
+    # one GEMM's or one reduction's result, so each of those (C or C*C elements) gets its own copy;
+    # the others are fresh tensors. (A fixed rule rather than a storage check: it traces.)
+    def own(g):
+        return None if g is None else g.to(dtype).clone(memory_format=torch.contiguous_format)
+
+    def fresh(g):
+        return None if g is None else g.to(dtype).contiguous()
+
+    grads = [fresh(d_query), fresh(d_x), fresh(d_wq), fresh(d_bq), own(d_wk), own(d_bk), own(d_wv), own(d_bv),
+             own(d_wo), own(d_bo)]
+    return [x.new_empty((0,)) if g is None else g for g in grads]  # an absent bias's gradient: empty
