@@ -19,6 +19,7 @@ the interpreter) on CPU tensors here; cuda and triton on CUDA tensors where a GP
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import subprocess
@@ -29,6 +30,7 @@ import pytest
 import torch
 
 import hot_kernels as hk
+from hot_kernels import _ext
 from targets import runnable
 from hot_kernels import BackendUnavailableError, HotKernelsInputError
 from hot_kernels import reference as R
@@ -861,19 +863,25 @@ def test_every_op_is_bitwise_deterministic(target, dtype):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t.backend == "cpu"], ids=str)
-def test_cpu_results_do_not_depend_on_the_thread_count(target):
+@pytest.mark.parametrize("isa", hk.supported_cpu_isas() if _ext.C is not None else [None])
+def test_cpu_results_do_not_depend_on_the_thread_count(target, isa):
+    # On every instruction-set path this CPU runs: the paths split a small batch's samples over the
+    # threads at different sizes (the AVX2 / generic ones from N = 128 at C = 64).
+    def run():
+        out = _all_ops(target, torch.float32)
+        for x, f in ((target.t(1, 450, 8, seed=21).cumsum(1), 100),  # N >= 384 at B = 1: split in a sample
+                     (target.t(1, 140, 4096, seed=23), 40),  # N < 384, N^2 C above every path's threshold
+                     (target.t(1, 243, 64, seed=24), 81)):  # split on the AVX2 / generic paths only
+            out += list(DK(x, f, 2, return_assignment=True, backend="cpu"))
+        return out
+
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = _all_ops(target, torch.float32)
-        x = target.t(2, 450, 8, seed=21).cumsum(1)  # N >= 384 with B < threads: split inside a sample
-        wide = target.t(1, 140, 4096, seed=23)  # N^2 C above the split threshold at N < 384: split too
-        one += list(DK(x, 100, 2, return_assignment=True, backend="cpu"))
-        one += list(DK(wide, 40, 2, return_assignment=True, backend="cpu"))
-        torch.set_num_threads(max(2, threads))
-        two = _all_ops(target, torch.float32)
-        two += list(DK(x, 100, 2, return_assignment=True, backend="cpu"))
-        two += list(DK(wide, 40, 2, return_assignment=True, backend="cpu"))
+        with hk.use_cpu_isa(isa) if isa else contextlib.nullcontext():
+            torch.set_num_threads(1)
+            one = run()
+            torch.set_num_threads(max(2, threads))
+            two = run()
     finally:
         torch.set_num_threads(threads)
     for i, (a, b) in enumerate(zip(one, two)):
