@@ -199,7 +199,8 @@ def test_large_batch_runs_on_gpu():
 
 ENTRY_POINTS = ("pairwise_distance", "pairwise_distance_backward", "knn_density", "dpc_delta", "topf_select",
                 "dpc_knn", "gather_frames", "gather_frames_backward", "token_recovering_attention",
-                "token_recovering_attention_backward")
+                "token_recovering_attention_backward", "token_recovering_interpolation",
+                "token_recovering_interpolation_backward", "merge_tokens", "merge_tokens_backward")
 
 
 def test_every_entry_point_is_device_guarded():

@@ -11,6 +11,8 @@ import torch
 
 from . import _alloc
 from . import interp_merge_kernels as K
+from ._device import on_input_device
+from .tpc import _check_dtype, _np2
 
 __all__ = ["token_recovering_interpolation", "token_recovering_interpolation_backward", "merge_tokens",
            "merge_tokens_backward"]
@@ -19,22 +21,11 @@ INTERP_BLOCK = 1024
 MERGE_BN = 32
 MERGE_BC = 128
 
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-
-def _np2(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def _check_dtype(op: str, t: torch.Tensor) -> None:
-    if t.dtype not in _DTYPES:
-        raise TypeError(f"hot_kernels.{op} (triton): input must be float16, bfloat16 or float32, got {t.dtype} "
-                        "(float64 runs on the cpu and reference backends)")
-
-
+@on_input_device
 def token_recovering_interpolation(x: torch.Tensor, index: torch.Tensor, num_frames: int) -> torch.Tensor:
     """x (B, f, [J,] C), index (B, f) int64 ascending -> (B, num_frames, [J,] C) in x's dtype."""
-    _check_dtype("token_recovering_interpolation", x)
+    _check_dtype("token_recovering_interpolation", x, "x_kept")
     B, f = x.shape[:2]
     out = _alloc.empty((B, int(num_frames), *x.shape[2:]), dtype=x.dtype, device=x.device)
     if out.numel() == 0:
@@ -48,9 +39,10 @@ def token_recovering_interpolation(x: torch.Tensor, index: torch.Tensor, num_fra
     return out
 
 
+@on_input_device
 def token_recovering_interpolation_backward(grad: torch.Tensor, index: torch.Tensor, num_kept: int) -> torch.Tensor:
     """grad (B, F, [J,] C) -> grad_x (B, num_kept, [J,] C): each kept frame's weighted sum of grad."""
-    _check_dtype("token_recovering_interpolation_backward", grad)
+    _check_dtype("token_recovering_interpolation_backward", grad, "grad")
     B, F = grad.shape[:2]
     gx = _alloc.empty((B, int(num_kept), *grad.shape[2:]), dtype=grad.dtype, device=grad.device)
     if gx.numel() == 0:
@@ -65,6 +57,7 @@ def token_recovering_interpolation_backward(grad: torch.Tensor, index: torch.Ten
     return gx
 
 
+@on_input_device
 def merge_tokens(x: torch.Tensor, assignment: torch.Tensor, f: int, weight: torch.Tensor | None):
     """x (B, N, C), assignment (B, N) int64 in [0, f), weight (B, N) or None -> (out (B, f, C) in x's
     dtype, wsum (B, f) float32)."""
@@ -84,6 +77,7 @@ def merge_tokens(x: torch.Tensor, assignment: torch.Tensor, f: int, weight: torc
     return out, wsum
 
 
+@on_input_device
 def merge_tokens_backward(grad, x, assignment, weight, out, wsum, weight_grad: bool):
     """-> (grad_x (B, N, C), grad_weight (B, N) or an empty (0, 0) tensor when not weight_grad)."""
     _check_dtype("merge_tokens_backward", x)
