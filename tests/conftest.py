@@ -6,6 +6,7 @@ import hot_kernels. With a GPU the Triton kernels run compiled on CUDA tensors i
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -63,3 +64,20 @@ settings.register_profile("long", max_examples=1000, derandomize=False, deadline
 settings.register_profile("quick", max_examples=30, derandomize=True, deadline=None, print_blob=True,
                           suppress_health_check=_FUZZ_HEALTH)
 settings.load_profile(os.environ.get("HOT_KERNELS_FUZZ", "ci"))
+
+
+@pytest.fixture
+def poison_uninitialised_memory():
+    """Every torch.empty / at::empty made while a test runs comes back filled with NaN (integers:
+    their largest value), so an output element a kernel never writes cannot pass by luck: the
+    C++ backends' outputs included (the Triton wrappers poison theirs too: HOT_KERNELS_POISON above). Opt in
+    per module: pytestmark = pytest.mark.usefixtures("poison_uninitialised_memory")."""
+    import torch.utils.deterministic as det
+
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             det.fill_uninitialized_memory)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    det.fill_uninitialized_memory = saved[2]

@@ -69,20 +69,8 @@ def _targets():
     return found
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialised_memory():
-    """Every torch.empty / at::empty made while a test runs comes back filled with NaN (integers:
-    their largest value), so an output element a kernel never writes cannot pass by luck: the
-    C++ backends' outputs included (the Triton wrappers poison theirs too, tests/conftest.py)."""
-    import torch.utils.deterministic as det
-
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    det.fill_uninitialized_memory = saved[2]
+# Every test here runs with uninitialised memory poisoned (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_uninitialised_memory")
 
 
 BACKENDS = _targets()

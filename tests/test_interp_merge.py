@@ -28,18 +28,8 @@ TOL = {  # forward, backward (as tests/test_backends.py)
 }
 
 
-@pytest.fixture(autouse=True)
-def poison_uninitialised_memory():
-    """Every at::empty while a test runs is NaN-filled (the triton wrappers poison theirs too)."""
-    import torch.utils.deterministic as det
-
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             det.fill_uninitialized_memory)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    det.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
-    det.fill_uninitialized_memory = saved[2]
+# Uninitialised memory poisoned in every test (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("poison_uninitialised_memory")
 
 
 def require(backend, device, op, dtype):
