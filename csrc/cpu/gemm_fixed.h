@@ -2,11 +2,14 @@
 // pairwise-distance backward).
 //
 // A multi-threaded BLAS call may split its work, and so its sums, by the thread count: MKL does
-// for small shapes (e.g. 11 x 32 x 32). Here every product is cut into fixed blocks of rows of the
-// output, and each block is one BLAS call made inside an active OpenMP region, where BLAS runs
-// single-threaded. The blocks depend on the shapes only: about kGemmMinRows rows (each block packs
-// all of b, which for a weight gradient is a whole chunk of activations), equal in size, and at
-// most kGemmMaxBlocks per matrix.
+// for small shapes (e.g. 11 x 32 x 32). Here every product is cut into fixed tiles of the output
+// (blocks of rows, and of columns where the rows alone give too few tiles: a weight gradient is a
+// (C, C) output with a long reduction), and each tile is one BLAS call made inside an active
+// OpenMP region, where BLAS runs single-threaded. Every output element is so computed by one
+// single-threaded BLAS call over the whole reduction. The tiles depend on the shapes only: about
+// kGemmMinRows rows (each row block packs all of b), at most kGemmMaxBlocks row blocks, and when
+// that gives fewer than kGemmMinTasks tiles, column blocks and then smaller row blocks, down to
+// kGemmMinCols wide, until there are kGemmMinTasks.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -20,14 +23,35 @@ namespace hot_kernels {
 
 constexpr int64_t kGemmMinRows = 256;
 constexpr int64_t kGemmMaxBlocks = 16;
+// Tiles wanted per product. More tiles of a long reduction (a weight gradient) re-read more of a
+// and b: 4 keeps a 2-core machine busy at C = 128 and 256 without slowing C = 512 (measured).
+constexpr int64_t kGemmMinTasks = 4;
+constexpr int64_t kGemmMinCols = 64;
+constexpr int64_t kGemmKChunk = 512;  // reduction rows per partial product (gemm_fixed_split_k)  // narrowest column block, and shortest row block once rows are split further
 
-// Rows per block for an m-row output: ceil(m / kGemmMinRows) blocks (at most kGemmMaxBlocks), made
-// even where the rows allow it, all of the same size (so that 2 threads get equal shares: 1377
-// rows are 6 blocks of 230, not 5 of 256 and one of 97). Depends on m only.
-inline int64_t gemm_block_rows(int64_t m) {
-  int64_t blocks = std::min(kGemmMaxBlocks, std::max<int64_t>(1, (m + kGemmMinRows - 1) / kGemmMinRows));
-  if (blocks > 1 && blocks % 2 == 1 && m / (blocks + 1) >= kGemmMinRows / 2) ++blocks;
-  return std::max<int64_t>(1, (m + blocks - 1) / blocks);
+inline int64_t gemm_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The tiling of an (m, n) output: rows x cols per tile (the last ones may be shorter). Depends on
+// m and n only. Row blocks: ceil(m / kGemmMinRows) (at most kGemmMaxBlocks), made even where the
+// rows allow it, all of the same size (so that 2 threads get equal shares: 1377 rows are 6 blocks
+// of 230, not 5 of 256 and one of 97). Too few tiles (a (C, C) weight gradient): split the columns
+// (blocks a multiple of 16 wide), then the rows further.
+struct GemmTiling {
+  int64_t rows, cols;
+};
+
+inline GemmTiling gemm_tiling(int64_t m, int64_t n) {
+  int64_t rb = std::min(kGemmMaxBlocks, std::max<int64_t>(1, gemm_ceil_div(m, kGemmMinRows)));
+  if (rb > 1 && rb % 2 == 1 && m / (rb + 1) >= kGemmMinRows / 2) ++rb;
+  int64_t cb = 1;
+  if (rb == 1) {  // one block of rows: columns too (measured: more tiles at larger m re-read more)
+    cb = std::max<int64_t>(1, std::min(kGemmMinTasks, n / kGemmMinCols));
+    if (cb < kGemmMinTasks) rb = std::max<int64_t>(1, std::min(gemm_ceil_div(kGemmMinTasks, cb), m / kGemmMinCols));
+  }
+  GemmTiling t;
+  t.rows = std::max<int64_t>(1, gemm_ceil_div(m, rb));
+  t.cols = cb == 1 ? std::max<int64_t>(1, n) : gemm_ceil_div(gemm_ceil_div(n, cb), 16) * 16;
+  return t;
 }
 
 // Runs task(i) for i in [0, tasks) on the full OpenMP team (BLAS single-threaded inside). The
@@ -54,21 +78,54 @@ void run_fixed_tasks(int64_t tasks, const Task& task) {
   if (error) std::rethrow_exception(error);
 }
 
+// out += a b with the reduction (k) cut into kc fixed chunks: one task per chunk computes its
+// partial product (m, n) with one single-threaded BLAS call, then each block of rows of out adds
+// the partials in chunk order. For a long reduction into a small output (a weight gradient
+// (C, C) over S * L rows), where output tiles would each re-read whole panels of a and b.
+inline void gemm_fixed_split_k(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t kc) {
+  const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
+  const int64_t kr = gemm_ceil_div(k, kc);
+  auto partial = at::empty({kc, m, n}, out.options());
+  run_fixed_tasks(kc, [&](int64_t j) {
+    const int64_t k0 = j * kr, kn = std::min(kr, k - k0);
+    auto p = partial.select(0, j);
+    if (kn <= 0)
+      p.zero_();
+    else
+      at::mm_out(p, a.narrow(1, k0, kn), b.narrow(0, k0, kn));
+  });
+  const int64_t rows = std::max<int64_t>(1, gemm_ceil_div(m, kGemmMinTasks));
+  run_fixed_tasks(gemm_ceil_div(m, rows), [&](int64_t i) {
+    const int64_t r0 = i * rows, r = std::min(rows, m - r0);
+    auto o = out.narrow(0, r0, r);
+    for (int64_t j = 0; j < kc; ++j) o.add_(partial.select(0, j).narrow(0, r0, r));
+  });
+}
+
 // out (+)= a b (+ bias): a (m, k), b (k, n), out (m, n) (any strides ATen's mm takes).
 inline void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                        const at::Tensor& bias = {}, bool accumulate = false) {
-  const int64_t m = out.size(0);
-  const int64_t rows = gemm_block_rows(m);
-  run_fixed_tasks((m + rows - 1) / rows, [&](int64_t i) {
-    const int64_t r0 = i * rows, r = std::min(rows, m - r0);
-    auto o = out.narrow(0, r0, r);
+  const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
+  if (m == 0 || n == 0) return;
+  if (accumulate && m <= kGemmMinRows && k >= 2 * kGemmKChunk) {
+    gemm_fixed_split_k(out, a, b, std::min(kGemmMinTasks, gemm_ceil_div(k, kGemmKChunk)));
+    return;
+  }
+  const GemmTiling t = gemm_tiling(m, n);
+  const int64_t col_blocks = gemm_ceil_div(n, t.cols);
+  const int64_t tiles = gemm_ceil_div(m, t.rows) * col_blocks;
+  run_fixed_tasks(tiles, [&](int64_t i) {
+    const int64_t r0 = i / col_blocks * t.rows, r = std::min(t.rows, m - r0);
+    const int64_t c0 = i % col_blocks * t.cols, c = std::min(t.cols, n - c0);
+    auto o = out.narrow(0, r0, r).narrow(1, c0, c);
     const auto ai = a.narrow(0, r0, r);
+    const auto bi = col_blocks == 1 ? b : b.narrow(1, c0, c);
     if (accumulate)
-      o.addmm_(ai, b);
+      o.addmm_(ai, bi);
     else if (bias.defined())
-      at::addmm_out(o, bias, ai, b);
+      at::addmm_out(o, bias.narrow(0, c0, c), ai, bi);
     else
-      at::mm_out(o, ai, b);
+      at::mm_out(o, ai, bi);
   });
 }
 
@@ -85,8 +142,8 @@ inline at::Tensor bmm_fixed(const at::Tensor& a, const at::Tensor& b) {
   auto out = at::empty({B, m, b.size(2)}, a.options());
   if (out.numel() == 0) return out;
   if (a.size(2) == 0) return out.zero_();
-  const int64_t rows = gemm_block_rows(m);
-  const int64_t blocks = (m + rows - 1) / rows;
+  const int64_t rows = gemm_tiling(m, b.size(2)).rows;  // row blocks only: the batch gives tasks
+  const int64_t blocks = gemm_ceil_div(m, rows);
   run_fixed_tasks(B * blocks, [&](int64_t t) {
     const int64_t s = t / blocks, r0 = (t % blocks) * rows, r = std::min(rows, m - r0);
     auto o = out.select(0, s).narrow(0, r0, r);

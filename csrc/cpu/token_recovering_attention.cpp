@@ -13,7 +13,8 @@
 //    attention as a stride-0 view over the sequences (no S copies). In the backward its gradient is
 //    the sum over sequences of dQ_s, reduced chunk by chunk in a fixed order.
 //  * The S sequences are processed in chunks of n so that a chunk's temporaries stay within
-//    kChunkBytes. The forward returns the row log-sum-exp lse (S, H, L) and, when the caller will
+//    kChunkBytes; a forward that keeps K|V and o (below) holds them for every sequence anyway, so
+//    it runs as one chunk and keeps the attention's own output (no copy). The forward returns the row log-sum-exp lse (S, H, L) and, when the caller will
 //    differentiate (keep), K|V and the attention output o as well: the memory autograd keeps for
 //    the same layers written with nn.Linear and SDPA, and the backward then skips a K|V GEMM and a
 //    flash forward. Without them (or for a per-sequence query's Q) it recomputes from the inputs;
@@ -231,11 +232,12 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
   auto out = at::empty({S, L, C}, x.options());
   auto lse = at::empty({S, D.H, L}, copt);
   auto kv_all = keep ? at::empty({S * M, 2 * C}, copt) : at::empty({0}, copt);
-  auto o_all = keep ? at::empty({S * L, C}, copt) : at::empty({0}, copt);
+  auto o_all = keep && S == 0 ? at::empty({0, C}, copt) : at::empty({0}, copt);  // keep: set below
   if (S == 0) return {out, lse, kv_all, o_all};
   const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo);
   const bool same_dtype = D.cdt == D.dtype;
-  const int64_t cs = chunk_size(D, false);
+  // Kept K|V and o hold every sequence anyway: one chunk, and o is the attention's own output.
+  const int64_t cs = keep ? S : chunk_size(D, false);
   at::Tensor resid_shared;  // (L, C) query + bo, added to every sequence's output
   if (D.shared && residual) resid_shared = p.bo.defined() ? p.q_in_shared + p.bo : p.q_in_shared;
 
@@ -252,7 +254,7 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
       lse_c.fill_(-std::numeric_limits<double>::infinity());
       o = at::zeros({n * L, C}, copt);
     }
-    if (keep) o = o_all.narrow(0, s0 * L, n * L).copy_(o);
+    if (keep) o_all = o = o.contiguous();
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
     if (D.shared && residual) {
       gemm_fixed(y, o, p.wo.t());
@@ -336,7 +338,10 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
       auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
           dO, q, k, v, oh, lse_c, 0.0, false, std::nullopt, scale);
       o = rows_of(oh);
-      dkv = at::cat({rows_of(dk), rows_of(dv)}, 1);
+      // dK | dV rows: one copy each out of the attention's (n, H, M, d) gradients.
+      dkv = at::empty({n * M, 2 * C}, copt);
+      dkv.narrow(1, 0, C).view({n, M, H, D.d}).copy_(dk.transpose(1, 2));
+      dkv.narrow(1, C, C).view({n, M, H, D.d}).copy_(dv.transpose(1, 2));
       if (D.shared)
         dq_sum.add_(dq.sum(0).transpose(0, 1).reshape({L, C}));  // sum over the chunk's sequences
       else
