@@ -7,11 +7,48 @@
 #include "tpc_common.h"
 
 namespace hot_kernels {
+namespace tpc {
+
+// Rows [r0, r1) of the (B*N, J, C) input -> their joint means: per channel, the J values summed in
+// order (j = 0, 1, ...), then divided by J. Channels in blocks of kPoolBlock whose sums stay in
+// registers over the J joints (one load per input element). The same sums in every
+// instruction-set path.
+constexpr int64_t kPoolBlock = 64;
+
+template <typename scalar_t, typename acc_t>
+HK_HOT_IMPL void pool_rows_impl(const scalar_t* src, acc_t* dst, int64_t r0, int64_t r1, int64_t J, int64_t C) {
+  const acc_t count = acc_t(J);
+  for (int64_t r = r0; r < r1; ++r) {
+    const scalar_t* xr = src + r * J * C;
+    acc_t* o = dst + r * C;
+    int64_t c0 = 0;
+    for (; c0 + kPoolBlock <= C; c0 += kPoolBlock) {
+      acc_t a[kPoolBlock];
+#pragma omp simd
+      for (int64_t c = 0; c < kPoolBlock; ++c) a[c] = static_cast<acc_t>(xr[c0 + c]);
+      for (int64_t j = 1; j < J; ++j) {
+        const scalar_t* xj = xr + j * C + c0;
+#pragma omp simd
+        for (int64_t c = 0; c < kPoolBlock; ++c) a[c] += static_cast<acc_t>(xj[c]);
+      }
+#pragma omp simd
+      for (int64_t c = 0; c < kPoolBlock; ++c) o[c0 + c] = a[c] / count;
+    }
+    for (int64_t c = c0; c < C; ++c) o[c] = static_cast<acc_t>(xr[c]);
+    for (int64_t j = 1; j < J; ++j)
+      for (int64_t c = c0; c < C; ++c) o[c] += static_cast<acc_t>(xr[j * C + c]);
+    for (int64_t c = c0; c < C; ++c) o[c] /= count;
+  }
+}
+HK_MULTIVERSION(pool_rows)
+
+}  // namespace tpc
+
 namespace {
 
-// (B, N, J, C) -> (B, N, C) mean over the joints in the compute dtype (float32 for half inputs):
-// per (b, n), the J rows summed in order, then divided by J. One pass over x, no (B, N, J, C)
-// copy in float32 (at::mean over a middle dimension is several times slower here).
+// (B, N, J, C) -> (B, N, C) mean over the joints in the compute dtype (float32 for half inputs),
+// one pass over x in parallel over the (b, n) rows; no (B, N, J, C) copy in float32 (at::mean
+// over a middle dimension is several times slower here).
 at::Tensor pool_joints(const at::Tensor& x) {
   const int64_t B = x.size(0), N = x.size(1), J = x.size(2), C = x.size(3);
   const at::Tensor xc = x.contiguous();
@@ -20,17 +57,8 @@ at::Tensor pool_joints(const at::Tensor& x) {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* src = xc.const_data_ptr<scalar_t>();
     acc_t* dst = out.data_ptr<acc_t>();
-    const acc_t inv_j = acc_t(J);
-    at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(J * C, 1)), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const scalar_t* xr = src + r * J * C;
-        acc_t* o = dst + r * C;
-        for (int64_t c = 0; c < C; ++c) o[c] = static_cast<acc_t>(xr[c]);
-        for (int64_t j = 1; j < J; ++j)
-          for (int64_t c = 0; c < C; ++c) o[c] += static_cast<acc_t>(xr[j * C + c]);
-        for (int64_t c = 0; c < C; ++c) o[c] /= inv_j;
-      }
-    });
+    at::parallel_for(0, B * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(J * C, 1)),
+                     [&](int64_t r0, int64_t r1) { tpc::pool_rows(src, dst, r0, r1, J, C); });
   });
   return out;
 }
