@@ -91,11 +91,26 @@ constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrink
 // AVX2 and generic paths the block is a slower BLAS call and splitting pays from N = 128, C = 64
 // (measured at B = 1, N = 243 between torch ops, 2 threads, Zen 5 with the avx2 path forced:
 // dpc_knn 0.69 -> 0.45 ms at C = 256, token_pruning_cluster 1.21 -> 0.78 ms; the AVX-512 path
-// got slower when split at C = 256 and 512).
+// got slower when split at C = 256 and 512). On an Intel Xeon (Ice Lake server, 2 threads) the
+// AVX-512 path gains from the split as the BLAS paths do (dpc_knn at B = 1, N = 243: 0.43 -> 0.34
+// ms at C = 512, 0.28 -> 0.23 ms at C = 256, 0.21 -> 0.19 ms at C = 128), so there its threshold
+// is the BLAS one: intra_min_work_avx512() picks by CPU vendor.
 constexpr int64_t kIntraMinN = 384;
 constexpr int64_t kIntraMinSplitN = 2 * 64;  // two stair tiles
-constexpr int64_t kIntraMinWorkAvx512 = int64_t(384) * 384 * 512;
+constexpr int64_t kIntraMinWorkAvx512Amd = int64_t(384) * 384 * 512;
 constexpr int64_t kIntraMinWorkBlas = int64_t(128) * 128 * 64;
+
+inline int64_t intra_min_work_avx512() {
+  static const int64_t work = [] {
+#if defined(__GNUC__) && defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_is("amd") ? kIntraMinWorkAvx512Amd : kIntraMinWorkBlas;
+#else
+    return kIntraMinWorkAvx512Amd;
+#endif
+  }();
+  return work;
+}
 constexpr int64_t kPadRows = 4;      // zero rows after the last token of a centred copy
 constexpr int64_t kGramColBlock = 256;  // column chunk of the AVX-512 Gram kernel (a multiple of 4)
 // Pairs with d2 < (|x_i|^2 + |x_j|^2) / kRefineDiv are recomputed by direct differences.
@@ -1471,7 +1486,7 @@ inline void run(const Job<T>& job) {
     return;
   }
   const bool gram_kernel = std::is_same_v<T, float> && use_avx512_gram();  // else the block is BLAS
-  const int64_t min_work = gram_kernel ? kIntraMinWorkAvx512 : kIntraMinWorkBlas;
+  const int64_t min_work = gram_kernel ? intra_min_work_avx512() : kIntraMinWorkBlas;
   const bool split = job.N >= kIntraMinN || (job.N >= kIntraMinSplitN && job.N * job.N * job.C >= min_work);
   if (job.B < nt && split) {
     SampleWork<T> w;
