@@ -14,11 +14,12 @@
 //    the sum over sequences of dQ_s, reduced chunk by chunk in a fixed order.
 //  * The S sequences are processed in chunks of n so that a chunk's temporaries stay within
 //    kChunkBytes; a forward that keeps K|V and o (below) holds them for every sequence anyway, so
-//    it runs as one chunk and keeps the attention's own output (no copy). The forward returns the row log-sum-exp lse (S, H, L) and, when the caller will
-//    differentiate (keep), K|V and the attention output o as well: the memory autograd keeps for
-//    the same layers written with nn.Linear and SDPA, and the backward then skips a K|V GEMM and a
-//    flash forward. Without them (or for a per-sequence query's Q) it recomputes from the inputs;
-//    both ways give bitwise the same gradients (the recomputation is deterministic).
+//    it runs as one chunk and keeps the attention's own output (no copy). The forward returns the
+//    row log-sum-exp lse (S, H, L) and, when the caller will differentiate (keep), K|V and the
+//    attention output o as well: the memory autograd keeps for the same layers written with
+//    nn.Linear and SDPA, and the backward then skips a K|V GEMM and a flash forward. Without them
+//    (or for a per-sequence query's Q) it recomputes from the inputs; both ways give bitwise the
+//    same gradients (the recomputation is deterministic).
 //  * Weight/bias gradients are accumulated over chunks in a fixed order (no atomics, the same
 //    chunking for the same shapes whatever the thread count).
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
