@@ -873,6 +873,11 @@ def test_cpu_results_do_not_depend_on_the_thread_count(target, isa):
                      (target.t(1, 140, 4096, seed=23), 40),  # N < 384, N^2 C above every path's threshold
                      (target.t(1, 243, 64, seed=24), 81)):  # split on the AVX2 / generic paths only
             out += list(DK(x, f, 2, return_assignment=True, backend="cpu"))
+        for shared in (True, False):  # TRA GEMMs in column tiles and split reductions (gemm_fixed.h)
+            a = tra_args(target, S=8, L=160, M=20, C=128, dtype=torch.float32, shared=shared, bias=True,
+                         requires_grad=True)
+            o = TRA(**a, num_heads=4, backend="cpu")
+            out += [o, *torch.autograd.grad(o, [t for t in a.values() if t is not None], torch.ones_like(o))]
         return out
 
     threads = torch.get_num_threads()
