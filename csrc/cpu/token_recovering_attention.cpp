@@ -13,13 +13,13 @@
 //    attention as a stride-0 view over the sequences (no S copies). In the backward its gradient is
 //    the sum over sequences of dQ_s, reduced chunk by chunk in a fixed order.
 //  * The S sequences are processed in chunks of n so that a chunk's temporaries stay within
-//    kChunkBytes; a forward that keeps K|V and o (below) holds them for every sequence anyway, so
-//    it runs as one chunk and keeps the attention's own output (no copy). The forward returns the
-//    row log-sum-exp lse (S, H, L) and, when the caller will differentiate (keep), K|V and the
-//    attention output o as well: the memory autograd keeps for the same layers written with
-//    nn.Linear and SDPA, and the backward then skips a K|V GEMM and a flash forward. Without them
-//    (or for a per-sequence query's Q) it recomputes from the inputs; both ways give bitwise the
-//    same gradients (the recomputation is deterministic).
+//    kChunkBytes; a float32/float64 forward that keeps K|V and o (below) holds them for every
+//    sequence anyway, so it runs as one chunk and keeps the attention's own output (no copy). The
+//    forward returns the row log-sum-exp lse (S, H, L) and, when the caller will differentiate
+//    (keep), K|V and the attention output o as well: the memory autograd keeps for the same layers
+//    written with nn.Linear and SDPA, and the backward then skips a K|V GEMM and a flash forward.
+//    Without them (or for a per-sequence query's Q) it recomputes from the inputs; both ways give
+//    bitwise the same gradients (the recomputation is deterministic).
 //  * Weight/bias gradients are accumulated over chunks in a fixed order (no atomics, the same
 //    chunking for the same shapes whatever the thread count).
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
@@ -233,12 +233,14 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
   auto out = at::empty({S, L, C}, x.options());
   auto lse = at::empty({S, D.H, L}, copt);
   auto kv_all = keep ? at::empty({S * M, 2 * C}, copt) : at::empty({0}, copt);
-  auto o_all = keep && S == 0 ? at::empty({0, C}, copt) : at::empty({0}, copt);  // keep: set below
+  const bool same_dtype = D.cdt == D.dtype;
+  // Kept K|V and o hold every sequence anyway: one chunk, and o is the attention's own output. Not
+  // for float16/bfloat16, whose output projection needs a float32 temporary per chunk.
+  const bool one_chunk = keep && same_dtype;
+  auto o_all = keep && !(one_chunk && S > 0) ? at::empty({S * L, C}, copt) : at::empty({0}, copt);
   if (S == 0) return {out, lse, kv_all, o_all};
   const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo);
-  const bool same_dtype = D.cdt == D.dtype;
-  // Kept K|V and o hold every sequence anyway: one chunk, and o is the attention's own output.
-  const int64_t cs = keep ? S : chunk_size(D, false);
+  const int64_t cs = one_chunk ? S : chunk_size(D, false);
   at::Tensor resid_shared;  // (L, C) query + bo, added to every sequence's output
   if (D.shared && residual) resid_shared = p.bo.defined() ? p.q_in_shared + p.bo : p.q_in_shared;
 
@@ -255,7 +257,10 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
       lse_c.fill_(-std::numeric_limits<double>::infinity());
       o = at::zeros({n * L, C}, copt);
     }
-    if (keep) o_all = o = o.contiguous();
+    if (one_chunk)
+      o_all = o = o.contiguous();
+    else if (keep)
+      o = o_all.narrow(0, s0 * L, n * L).copy_(o);
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
     if (D.shared && residual) {
       gemm_fixed(y, o, p.wo.t());
