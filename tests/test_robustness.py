@@ -871,7 +871,7 @@ def test_cpu_results_do_not_depend_on_the_thread_count(target, isa):
         out = _all_ops(target, torch.float32)
         for x, f in ((target.t(1, 450, 8, seed=21).cumsum(1), 100),  # N >= 384 at B = 1: split in a sample
                      (target.t(1, 140, 4096, seed=23), 40),  # N < 384, N^2 C above every path's threshold
-                     (target.t(1, 243, 64, seed=24), 81)):  # split on the AVX2 / generic paths only
+                     (target.t(1, 243, 64, seed=24), 81)):  # split on AVX2 / generic (and Intel's AVX-512)
             out += list(DK(x, f, 2, return_assignment=True, backend="cpu"))
         for shared in (True, False):  # TRA GEMMs in column tiles and split reductions (gemm_fixed.h)
             a = tra_args(target, S=8, L=160, M=20, C=128, dtype=torch.float32, shared=shared, bias=True,

@@ -35,26 +35,30 @@ constexpr int64_t kGemmKChunk = 512;  // reduction rows per partial product (gem
 
 inline int64_t gemm_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Rows per block for an m-row output: ceil(m / kGemmMinRows) blocks (at most kGemmMaxBlocks), made
+// even where the rows allow it, all of the same size (so that 2 threads get equal shares: 1377
+// rows are 6 blocks of 230, not 5 of 256 and one of 97). Depends on m only.
+inline int64_t gemm_block_rows(int64_t m) {
+  int64_t blocks = std::min(kGemmMaxBlocks, std::max<int64_t>(1, gemm_ceil_div(m, kGemmMinRows)));
+  if (blocks > 1 && blocks % 2 == 1 && m / (blocks + 1) >= kGemmMinRows / 2) ++blocks;
+  return std::max<int64_t>(1, gemm_ceil_div(m, blocks));
+}
+
 // The tiling of an (m, n) output: rows x cols per tile (the last ones may be shorter). Depends on
-// m and n only. Row blocks: ceil(m / kGemmMinRows) (at most kGemmMaxBlocks), made even where the
-// rows allow it, all of the same size (so that 2 threads get equal shares: 1377 rows are 6 blocks
-// of 230, not 5 of 256 and one of 97). Too few tiles (a (C, C) weight gradient): split the columns
-// (blocks a multiple of 16 wide), then the rows further.
+// m and n only. The row blocks of gemm_block_rows; an output of one row block (a (C, C) weight
+// gradient) is cut into column blocks (a multiple of 16 wide), then into shorter row blocks, up to
+// kGemmMinTasks tiles (measured: more tiles at larger m only re-read more of a and b).
 struct GemmTiling {
   int64_t rows, cols;
 };
 
 inline GemmTiling gemm_tiling(int64_t m, int64_t n) {
-  int64_t rb = std::min(kGemmMaxBlocks, std::max<int64_t>(1, gemm_ceil_div(m, kGemmMinRows)));
-  if (rb > 1 && rb % 2 == 1 && m / (rb + 1) >= kGemmMinRows / 2) ++rb;
-  int64_t cb = 1;
-  if (rb == 1) {  // one block of rows: columns too (measured: more tiles at larger m re-read more)
-    cb = std::max<int64_t>(1, std::min(kGemmMinTasks, n / kGemmMinCols));
-    if (cb < kGemmMinTasks) rb = std::max<int64_t>(1, std::min(gemm_ceil_div(kGemmMinTasks, cb), m / kGemmMinCols));
-  }
-  GemmTiling t;
-  t.rows = std::max<int64_t>(1, gemm_ceil_div(m, rb));
-  t.cols = cb == 1 ? std::max<int64_t>(1, n) : gemm_ceil_div(gemm_ceil_div(n, cb), 16) * 16;
+  GemmTiling t{gemm_block_rows(m), std::max<int64_t>(1, n)};
+  if (t.rows < m) return t;
+  const int64_t cb = std::max<int64_t>(1, std::min(kGemmMinTasks, n / kGemmMinCols));
+  const int64_t rb = std::max<int64_t>(1, std::min(gemm_ceil_div(kGemmMinTasks, cb), m / kGemmMinCols));
+  t.rows = gemm_ceil_div(m, rb);
+  if (cb > 1) t.cols = gemm_ceil_div(gemm_ceil_div(n, cb), 16) * 16;
   return t;
 }
 
@@ -146,7 +150,7 @@ inline at::Tensor bmm_fixed(const at::Tensor& a, const at::Tensor& b) {
   auto out = at::empty({B, m, b.size(2)}, a.options());
   if (out.numel() == 0) return out;
   if (a.size(2) == 0) return out.zero_();
-  const int64_t rows = gemm_tiling(m, b.size(2)).rows;  // row blocks only: the batch gives tasks
+  const int64_t rows = gemm_block_rows(m);  // row blocks only: the batch gives the tasks
   const int64_t blocks = gemm_ceil_div(m, rows);
   run_fixed_tasks(B * blocks, [&](int64_t t) {
     const int64_t s = t / blocks, r0 = (t % blocks) * rows, r = std::min(rows, m - r0);

@@ -237,7 +237,7 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
   // Kept K|V and o hold every sequence anyway: one chunk, and o is the attention's own output. Not
   // for float16/bfloat16, whose output projection needs a float32 temporary per chunk.
   const bool one_chunk = keep && same_dtype;
-  auto o_all = keep && !(one_chunk && S > 0) ? at::empty({S * L, C}, copt) : at::empty({0}, copt);
+  auto o_all = keep ? at::empty({one_chunk ? 0 : S * L, C}, copt) : at::empty({0}, copt);  // one chunk: set below
   if (S == 0) return {out, lse, kv_all, o_all};
   const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo);
   const int64_t cs = one_chunk ? S : chunk_size(D, false);
