@@ -25,6 +25,7 @@
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
 //    lse is float32 (float64 for float64 inputs).
 #include "../hot_kernels.h"
+#include "attention_rows.h"
 #include "gemm_fixed.h"
 
 #include <ATen/ATen.h>
@@ -208,7 +209,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv(const Dims& D, const Prepared
   return {q, k, v};
 }
 
-// (o (n, H, L, d), lse (n, H, L)) of the chunk; M > 0.
+// Whether the chunk's attention runs on the float32 row kernels (attention_rows.h) rather than on
+// ATen's flash attention (float64, or keys too many to hold whole per task).
+bool rows_kernel(const Dims& D) { return D.cdt == at::kFloat && attn::supported(D.M, D.d); }
+
+// The query rows the row kernels read: (L, C) shared (sequence stride 0) or the chunk's (n*L, C).
+std::pair<const at::Tensor&, int64_t> query_rows(const Dims& D, const Prepared& p, const Chunk& c) {
+  return {D.shared ? p.qs_shared : c.qs, D.shared ? 0 : D.L * D.C};
+}
+
+// (o (n, H, L, d), lse (n, H, L)) of the chunk on ATen's flash attention; M > 0.
 std::tuple<at::Tensor, at::Tensor> attend(const Dims& D, const Prepared& p, const Chunk& c, double scale) {
   auto [q, k, v] = qkv(D, p, c);
   return at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, std::nullopt, scale);
@@ -249,18 +259,25 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
     Chunk c = make_chunk(D, p, query, x, s0, n, keep ? kv_all : at::Tensor(), true);
     auto lse_c = lse.narrow(0, s0, n);  // (n, H, L)
     at::Tensor o;
-    if (M > 0) {
-      auto [oh, lse_h] = attend(D, p, c, scale);
-      lse_c.copy_(lse_h);
-      o = rows_of(oh);
+    if (M > 0 && rows_kernel(D)) {  // written in place: into the kept o, or a temporary
+      o = keep && !one_chunk ? o_all.narrow(0, s0 * L, n * L) : at::empty({n * L, C}, copt);
+      const auto [q_rows, q_seq_stride] = query_rows(D, p, c);
+      attn::forward(q_rows, q_seq_stride, c.kv, n, L, M, D.H, scale, o, lse_c);
+      if (one_chunk) o_all = o;
     } else {
-      lse_c.fill_(-std::numeric_limits<double>::infinity());
-      o = at::zeros({n * L, C}, copt);
+      if (M > 0) {
+        auto [oh, lse_h] = attend(D, p, c, scale);
+        lse_c.copy_(lse_h);
+        o = rows_of(oh);
+      } else {
+        lse_c.fill_(-std::numeric_limits<double>::infinity());
+        o = at::zeros({n * L, C}, copt);
+      }
+      if (one_chunk)
+        o_all = o = o.contiguous();
+      else if (keep)
+        o = o_all.narrow(0, s0 * L, n * L).copy_(o);
     }
-    if (one_chunk)
-      o_all = o = o.contiguous();
-    else if (keep)
-      o = o_all.narrow(0, s0 * L, n * L).copy_(o);
     at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
     if (D.shared && residual) {
       gemm_fixed(y, o, p.wo.t());
@@ -332,7 +349,25 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     Chunk c = make_chunk(D, p, query, x, s0, n, kept ? kv : at::Tensor(), false);
     auto g = grad_out.narrow(0, s0, n).to(D.cdt).contiguous().view({n * L, C});
     at::Tensor o, dkv, dq_c;  // (n*L, C), (n*M, 2C) = dK | dV, (n*L, C) per-sequence dQ
-    if (M > 0) {
+    if (M > 0 && rows_kernel(D)) {
+      const auto [q_rows, q_seq_stride] = query_rows(D, p, c);
+      if (kept) {
+        o = o_kept.narrow(0, s0 * L, n * L);
+      } else {  // computed again: bitwise the forward's (deterministic); its lse is the one passed in
+        o = at::empty({n * L, C}, copt);
+        auto lse_again = at::empty({n, H, L}, copt);
+        attn::forward(q_rows, q_seq_stride, c.kv, n, L, M, H, scale, o, lse_again);
+      }
+      auto lse_c = lse.narrow(0, s0, n).to(D.cdt).contiguous();
+      auto dO = mm_fixed(g, p.wo).contiguous();  // (n*L, C)
+      auto dq_rows = at::empty({n * L, C}, copt);
+      dkv = at::empty({n * M, 2 * C}, copt);
+      attn::backward(dO, q_rows, q_seq_stride, c.kv, o, lse_c, n, L, M, H, scale, dq_rows, dkv);
+      if (D.shared)
+        dq_sum.add_(dq_rows.view({n, L, C}).sum(0));  // sum over the chunk's sequences
+      else
+        dq_c = dq_rows;
+    } else if (M > 0) {
       auto [q, k, v] = qkv(D, p, c);
       at::Tensor oh;  // (n, H, L, d): kept, or computed again (bitwise the forward's: deterministic)
       if (kept)

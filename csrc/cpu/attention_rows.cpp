@@ -1,0 +1,204 @@
+// The attention core of the cpu TRA in float32: see attention_rows.h for the layouts.
+//
+// TRA attends L query rows (a clip's frames, 243) to the M tokens kept by the pruning (81): few keys,
+// narrow heads (d = 32 or 64). ATen's CPU flash attention runs such a head as small GEMM calls with
+// an online softmax; here a head's keys are packed whole into per-task scratch (K^T scaled, V padded
+// to whole vectors) and every block of kR query rows is one register-blocked pass: logits, an exact
+// softmax over the whole row (no rescaling), and the weighted sum of V. The backward gives one task a
+// whole (sequence, head): dK and dV accumulate in its scratch over the row blocks in order, so no
+// two threads write the same element and the sums do not depend on the thread count.
+//
+// Instruction-set paths (tpc_common.h's cpu_isa): the same body is compiled for AVX-512, AVX2 + FMA
+// and the baseline ISA, on 16-lane vectors (one zmm, two ymm, four xmm); the AVX-512 and AVX2 paths
+// use fused multiply-adds and larger register blocks, the baseline separate multiplies and adds, so
+// the paths agree to rounding (each within the tested tolerance of the float64 reference), not
+// bitwise. exp is a Cody-Waite range reduction with a degree-6 polynomial (about 1 ulp).
+#include "attention_rows.h"
+
+#include "tpc_common.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// Contract a * b + c into FMAs where the target has them (the build's -ffp-contract=off keeps the row
+// kernels of tpc_common.h bitwise equal across paths; these need not be). No loop vectoriser: the
+// kernels are written on vectors already, and it would re-vectorise the channel loop of
+// rows_times_cols across lanes (16 masked broadcasts per step).
+#pragma GCC optimize("fp-contract=fast", "no-tree-loop-vectorize")
+#pragma GCC diagnostic ignored "-Wpsabi"  // vf in internal functions only
+
+namespace hot_kernels {
+namespace attn {
+namespace {
+
+constexpr int64_t kPad = 16;  // keys and head channels are padded to a multiple of this (whole vectors on every path)
+constexpr int kR = 4;          // query rows per register block
+constexpr int64_t kTaskRows = 64;   // query rows per forward task when (sequence, head) pairs are few
+constexpr int64_t kMaxKeysTimesWidth = int64_t(1) << 18;  // per-task scratch bound (supported())
+
+inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
+
+// ---- per-task scratch and packing -----------------------------------------------------------
+
+struct Geometry {
+  const float* q;
+  int64_t q_seq_stride;
+  const float* kv;
+  int64_t L, M, C, H, d;
+  int64_t mp, dp;  // M and d padded to whole vectors
+  float scale;
+  const float* q_row(int64_t s, int64_t h, int64_t i) const { return q + s * q_seq_stride + i * C + h * d; }
+  const float* k_row(int64_t s, int64_t h, int64_t j) const { return kv + (s * M + j) * 2 * C + h * d; }
+  const float* v_row(int64_t s, int64_t h, int64_t j) const { return k_row(s, h, j) + C; }
+};
+
+Geometry geometry(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& kv, int64_t L, int64_t M, int64_t H,
+                  double scale) {
+  Geometry g{};
+  g.q = q.data_ptr<float>();
+  g.q_seq_stride = q_seq_stride;
+  g.kv = kv.data_ptr<float>();
+  g.L = L;
+  g.M = M;
+  g.C = kv.size(1) / 2;
+  g.H = H;
+  g.d = g.C / H;
+  g.mp = round_up(M, kPad);
+  g.dp = round_up(g.d, kPad);
+  g.scale = static_cast<float>(scale);
+  return g;
+}
+
+// A float buffer of n zeros, 64-byte aligned.
+struct Scratch {
+  std::vector<float> v;
+  float* p = nullptr;
+  explicit Scratch(int64_t n) : v(static_cast<size_t>(n) + 16, 0.0f) {
+    const auto a = reinterpret_cast<std::uintptr_t>(v.data());
+    p = v.data() + ((64 - a % 64) % 64) / sizeof(float);
+  }
+};
+
+// bt (d rows of mp) = (rows j < M of d channels)^T * mul, zero columns j >= M.
+inline void pack_transposed(const Geometry& g, const float* first, float mul, float* bt) {
+  for (int64_t j = 0; j < g.M; ++j) {
+    const float* row = first + j * 2 * g.C;
+    for (int64_t c = 0; c < g.d; ++c) bt[c * g.mp + j] = row[c] * mul;
+  }
+}
+
+// b (M rows of dp) = the rows j < M of d channels, zero channels c >= d.
+inline void pack_rows(const Geometry& g, const float* first, float* b) {
+  for (int64_t j = 0; j < g.M; ++j) std::memcpy(b + j * g.dp, first + j * 2 * g.C, g.d * sizeof(float));
+}
+
+// ---- the row kernels, once per instruction-set path ------------------------------------------
+
+#if defined(HK_ISA_CLONES)
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+namespace v4 {
+constexpr int kIsa = 2;
+#include "attention_rows_kernels.inc"
+}  // namespace v4
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+namespace v3 {
+constexpr int kIsa = 1;
+#include "attention_rows_kernels.inc"
+}  // namespace v3
+#pragma GCC pop_options
+#endif
+namespace generic {
+constexpr int kIsa = 0;
+#include "attention_rows_kernels.inc"
+}  // namespace generic
+
+using ForwardTask = void (*)(const Geometry&, int64_t, int64_t, int64_t, int64_t, float*, float*);
+using BackwardTask = void (*)(const Geometry&, const float*, const float*, const float*, int64_t, int64_t, float*,
+                              float*);
+
+ForwardTask forward_task() {
+#if defined(HK_ISA_CLONES)
+  switch (tpc::cpu_isa::level()) {
+    case tpc::cpu_isa::kAvx512: return v4::forward_task;
+    case tpc::cpu_isa::kAvx2: return v3::forward_task;
+    default: break;
+  }
+#endif
+  return generic::forward_task;
+}
+
+BackwardTask backward_task() {
+#if defined(HK_ISA_CLONES)
+  switch (tpc::cpu_isa::level()) {
+    case tpc::cpu_isa::kAvx512: return v4::backward_task;
+    case tpc::cpu_isa::kAvx2: return v3::backward_task;
+    default: break;
+  }
+#endif
+  return generic::backward_task;
+}
+
+void check_f32(const char* name, const at::Tensor& t) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && t.is_contiguous() && t.device().is_cpu(), "attention rows: ", name,
+              " must be a contiguous float32 CPU tensor");
+}
+
+}  // namespace
+
+bool supported(int64_t M, int64_t d) {
+  return M >= 1 && d >= 1 && round_up(M, kPad) * round_up(d, kPad) <= kMaxKeysTimesWidth;
+}
+
+void forward(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& kv, int64_t n, int64_t L, int64_t M,
+             int64_t H, double scale, at::Tensor& o, at::Tensor& lse) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"kv", &kv}, {"o", &o}, {"lse", &lse}})
+    check_f32(name, *t);
+  const Geometry g = geometry(q, q_seq_stride, kv, L, M, H, scale);
+  TORCH_CHECK(supported(M, g.d) && o.numel() == n * L * g.C && lse.numel() == n * H * L,
+              "attention rows: unsupported or inconsistent shapes");
+  // One task per (sequence, head) (its keys packed once), or row blocks of it when the pairs are too
+  // few to keep the threads busy.
+  const int64_t rows_per_task = n * H >= 4 * at::get_num_threads() ? L : kTaskRows;
+  const int64_t row_tasks = (L + rows_per_task - 1) / rows_per_task;
+  const ForwardTask task = forward_task();
+  float* o_p = o.data_ptr<float>();
+  float* lse_p = lse.data_ptr<float>();
+  // Every task writes its own rows: the result does not depend on how tasks meet threads.
+  at::parallel_for(0, n * H * row_tasks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t sh = t / row_tasks, s = sh / H, h = sh % H;
+      const int64_t i0 = (t % row_tasks) * rows_per_task, i1 = std::min(L, i0 + rows_per_task);
+      task(g, s, h, i0, i1, o_p + s * L * g.C, lse_p + (s * H + h) * L);
+    }
+  });
+}
+
+void backward(const at::Tensor& dO, const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& kv,
+              const at::Tensor& o, const at::Tensor& lse, int64_t n, int64_t L, int64_t M, int64_t H, double scale,
+              at::Tensor& dq, at::Tensor& dkv) {
+  for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"dO", &dO}, {"q", &q}, {"kv", &kv}, {"o", &o},
+                         {"lse", &lse}, {"dq", &dq}, {"dkv", &dkv}})
+    check_f32(name, *t);
+  const Geometry g = geometry(q, q_seq_stride, kv, L, M, H, scale);
+  TORCH_CHECK(supported(M, g.d) && dO.numel() == n * L * g.C && o.numel() == n * L * g.C &&
+                  lse.numel() == n * H * L && dq.numel() == n * L * g.C && dkv.numel() == n * M * 2 * g.C,
+              "attention rows: unsupported or inconsistent shapes");
+  const BackwardTask task = backward_task();
+  const float *dO_p = dO.data_ptr<float>(), *o_p = o.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
+  float *dq_p = dq.data_ptr<float>(), *dkv_p = dkv.data_ptr<float>();
+  at::parallel_for(0, n * H, 1, [&](int64_t b, int64_t e) {
+    for (int64_t t = b; t < e; ++t) task(g, dO_p, o_p, lse_p, t / H, t % H, dq_p, dkv_p);
+  });
+}
+
+}  // namespace attn
+}  // namespace hot_kernels
