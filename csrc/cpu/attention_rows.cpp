@@ -105,20 +105,20 @@ inline void pack_rows(const Geometry& g, const float* first, float* b) {
 #pragma GCC target("arch=x86-64-v4")
 namespace v4 {
 constexpr int kIsa = 2;
-#include "attention_rows_kernels.inc"
+#include "attention_rows_kernels.h"
 }  // namespace v4
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
 namespace v3 {
 constexpr int kIsa = 1;
-#include "attention_rows_kernels.inc"
+#include "attention_rows_kernels.h"
 }  // namespace v3
 #pragma GCC pop_options
 #endif
 namespace generic {
 constexpr int kIsa = 0;
-#include "attention_rows_kernels.inc"
+#include "attention_rows_kernels.h"
 }  // namespace generic
 
 using ForwardTask = void (*)(const Geometry&, int64_t, int64_t, int64_t, int64_t, float*, float*);
