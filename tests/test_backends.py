@@ -480,6 +480,42 @@ def test_tra_cpu_gemm_tiles_and_split_reductions(backend, dtype, shared):
                yardstick=(torch.float32, torch.bfloat16))
 
 
+# Shapes around the cpu backend's float32 attention core (csrc/cpu/attention_rows.cpp): keys padded
+# to whole 16-lane vectors (M = 1, 16, 17) and more than one register pass of them (M = 97, 130 >
+# 96); head widths that are not whole vectors (d = 20, 40) or several passes (d = 80); L below and
+# not a multiple of the 4-row block; few (sequence, head) pairs (the rows then split into tasks); and
+# M * d past the core's scratch bound (M = 4100, d = 64), where float32 runs on ATen's attention.
+TRA_ROWS_CASES = [
+    # S, L, M, C, heads, shared, bias, residual
+    (3, 2, 1, 40, 2, True, True, True),
+    (2, 13, 16, 160, 2, False, True, True),
+    (5, 6, 17, 64, 4, True, False, False),
+    (1, 70, 97, 80, 1, True, True, True),
+    (2, 9, 130, 120, 3, False, False, True),
+    (1, 3, 4100, 64, 1, True, True, True),
+]
+
+
+@pytest.mark.parametrize("backend", [t for t in BACKENDS if t.backend == "cpu"], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TRA_ROWS_CASES, ids=[str(c) for c in TRA_ROWS_CASES])
+def test_tra_cpu_attention_core_shapes(backend, dtype, case):
+    _check_tra(backend, dtype, *case, seed=5, yardstick=(torch.bfloat16,))
+
+
+@pytest.mark.parametrize("backend", [t for t in BACKENDS if t.backend == "cpu"], ids=str)
+def test_tra_cpu_nan_in_one_sequence_stays_in_it(backend):
+    """A NaN token makes its own sequence's output NaN (every query attends to it), as in the
+    reference, and leaves the other sequences exact."""
+    args = tra_args(4, 9, 7, 32, torch.float32, shared=True, bias=True)
+    args[1][2, 3, 5] = float("nan")
+    out = backend.run(hk.token_recovering_attention, *args, num_heads=2)
+    want = R.token_recovering_attention(*[a.double() if a is not None else None for a in args], num_heads=2)
+    assert out[2].isnan().all()
+    keep = [0, 1, 3]
+    close(out[keep].double(), want[keep], TOL[torch.float32]["fwd"])
+
+
 def _rel_err(got, exact):
     """Normwise relative error of got against the float64 value."""
     exact = exact.double()
