@@ -7,7 +7,8 @@
 // (C, C) output with a long reduction), and each tile is one BLAS call made inside an active
 // OpenMP region, where BLAS runs single-threaded. Every output element is so computed by one
 // single-threaded BLAS call over the whole reduction. The tiles depend on the shapes only: about
-// kGemmMinRows rows (each row block packs all of b), at most kGemmMaxBlocks row blocks; an output
+// kGemmMinRows rows, or kGemmTallRows for tall outputs (each row block packs all of b), at most
+// kGemmMaxBlocks row blocks; an output
 // of one row block is also cut into column blocks and shorter row blocks, down to kGemmMinCols,
 // up to kGemmMinTasks tiles. An accumulation with a long reduction into such an output (a (C, C)
 // weight gradient at C <= 256) instead cuts the reduction into fixed chunks whose partial
@@ -24,6 +25,12 @@
 namespace hot_kernels {
 
 constexpr int64_t kGemmMinRows = 256;
+// Row blocks of outputs taller than this are about this tall. Measured against 256-row blocks (fp32,
+// 2 threads, Ice Lake, interleaved): the TRA's K|V projection 1377 x 1024 x 512 7.5 -> 6.8 ms (MKL's
+// own threading 6.8), output projection 4131 x 512 x 512 11.2 -> 10.6 ms (MKL 10.1), and 3-7 % at
+// C = 128 / 256; outputs of up to 1024 rows (weight gradients) keep 256-row blocks: one 1024-row
+// block made the (C, C) gradients 30-40 % slower at C = 512.
+constexpr int64_t kGemmTallRows = 1024;
 constexpr int64_t kGemmMaxBlocks = 16;
 // Tiles (or reduction chunks) wanted for an output of one row block. More tiles of a long
 // reduction re-read more of a and b: 4 keeps a 2-core machine busy at C = 128 and 256 (a TRA weight
@@ -35,12 +42,16 @@ constexpr int64_t kGemmKChunk = 512;  // reduction rows per partial product (gem
 
 inline int64_t gemm_ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Rows per block for an m-row output: ceil(m / kGemmMinRows) blocks (at most kGemmMaxBlocks), made
-// even where the rows allow it, all of the same size (so that 2 threads get equal shares: 1377
-// rows are 6 blocks of 230, not 5 of 256 and one of 97). Depends on m only.
+// Rows per block for an m-row output: ceil(m / target) blocks (at most kGemmMaxBlocks), made even
+// where the rows allow it, all of the same size (so that 2 threads get equal shares: 4131 rows are
+// 6 blocks of 689, not 5 of 1024 and one of 35). Depends on m only. The target is kGemmTallRows
+// for outputs taller than that (activations: each block packs all of b once, so fewer, taller
+// blocks repack it less), kGemmMinRows below (weight gradients: one block would leave a 2-core
+// machine half idle or take the column tiles, which re-read all of a long a).
 inline int64_t gemm_block_rows(int64_t m) {
-  int64_t blocks = std::min(kGemmMaxBlocks, std::max<int64_t>(1, gemm_ceil_div(m, kGemmMinRows)));
-  if (blocks > 1 && blocks % 2 == 1 && m / (blocks + 1) >= kGemmMinRows / 2) ++blocks;
+  const int64_t target = m > kGemmTallRows ? kGemmTallRows : kGemmMinRows;
+  int64_t blocks = std::min(kGemmMaxBlocks, std::max<int64_t>(1, gemm_ceil_div(m, target)));
+  if (blocks > 1 && blocks % 2 == 1 && m / (blocks + 1) >= target / 2) ++blocks;
   return std::max<int64_t>(1, gemm_ceil_div(m, blocks));
 }
 
