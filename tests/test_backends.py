@@ -484,7 +484,8 @@ def test_tra_cpu_gemm_tiles_and_split_reductions(backend, dtype, shared):
 # to whole 16-lane vectors (M = 1, 16, 17) and more than one register pass of them (M = 97, 130 >
 # 96); head widths that are not whole vectors (d = 20, 40) or several passes (d = 80); L below and
 # not a multiple of the 4-row block; few (sequence, head) pairs (the rows then split into tasks); and
-# M * d past the core's scratch bound (M = 4100, d = 64), where float32 runs on ATen's attention.
+# M * d past the core's scratch bound (M = 4100, d = 64), where float32 runs on ATen's attention;
+# and a batch whose backward runs in two chunks of sequences (S * L * C past its 128 MB budget).
 TRA_ROWS_CASES = [
     # S, L, M, C, heads, shared, bias, residual
     (3, 2, 1, 40, 2, True, True, True),
@@ -493,6 +494,7 @@ TRA_ROWS_CASES = [
     (1, 70, 97, 80, 1, True, True, True),
     (2, 9, 130, 120, 3, False, False, True),
     (1, 3, 4100, 64, 1, True, True, True),
+    (90, 1000, 8, 64, 2, False, False, True),  # no bk: its gradient is 0 in exact arithmetic, noise here
 ]
 
 
@@ -500,7 +502,11 @@ TRA_ROWS_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", TRA_ROWS_CASES, ids=[str(c) for c in TRA_ROWS_CASES])
 def test_tra_cpu_attention_core_shapes(backend, dtype, case):
-    _check_tra(backend, dtype, *case, seed=5, yardstick=(torch.bfloat16,))
+    # Over L = 1000 query rows an fp32 key gradient cancels at a few elements (as over the rows of
+    # test_tra_cpu_gemm_tiles_and_split_reductions): fp32 is then a yardstick dtype too.
+    long_rows = case[1] >= 1000
+    _check_tra(backend, dtype, *case, seed=5,
+               yardstick=(torch.float32, torch.bfloat16) if long_rows else (torch.bfloat16,))
 
 
 @pytest.mark.parametrize("backend", [t for t in BACKENDS if t.backend == "cpu"], ids=str)

@@ -44,10 +44,14 @@ namespace {
 constexpr const char* kFwd = "token_recovering_attention";
 constexpr const char* kBwd = "token_recovering_attention_backward";
 
-// Budget for one chunk's temporaries (probabilities dominate). Measured on HoT's shapes (S=1088,
-// L=243, M=81, C=512, H=8, 2 threads): flat between 24 and 40 MB, slower below 12 MB (small
-// GEMMs) and above 48 MB (the elementwise softmax passes fall out of cache).
+// Budget for one chunk's temporaries. Forward: measured on HoT's shapes (S=1088, L=243, M=81,
+// C=512, H=8, 2 threads) when the probabilities were materialised: flat between 24 and 40 MB,
+// slower below 12 MB (small GEMMs). Backward: its chunks are GEMMs of n*L rows into the weight
+// gradients, and larger ones run faster (fp32, 2 threads, Ice Lake, forward+backward at C = 512:
+// 414 -> 399 ms at S = 68, 89.7 -> 85.3 ms at S = 17 from 32 to 128 MB; no gain beyond); the
+// whole-batch gradients of the same layers written with nn.Linear and SDPA take more.
 constexpr int64_t kChunkBytes = int64_t(32) << 20;
+constexpr int64_t kChunkBytesBackward = int64_t(128) << 20;
 
 struct Dims {
   int64_t S, Sq, L, M, C, H, d;
@@ -121,12 +125,13 @@ Dims check_inputs(const char* fn, const at::Tensor& query, const at::Tensor& x, 
 
 int64_t chunk_size(const Dims& D, bool backward) {
   const int64_t elt = D.cdt == at::kDouble ? 8 : 4;
-  // per sequence: K|V, o, the flash kernel's output layout copy, per-sequence Q; backward: dK|dV,
+  // per sequence: K|V, o, ATen's attention output layout copy, per-sequence Q; backward: dK|dV,
   // dO, dQ and the gradient rows.
   int64_t per_seq = 2 * D.M * D.C + 3 * D.L * D.C;
   if (backward) per_seq += 2 * D.M * D.C + 3 * D.L * D.C;
   per_seq = std::max<int64_t>(per_seq * elt, 1);
-  const int64_t n_max = std::max<int64_t>(1, std::min<int64_t>(D.S, kChunkBytes / per_seq));
+  const int64_t budget = backward ? kChunkBytesBackward : kChunkBytes;
+  const int64_t n_max = std::max<int64_t>(1, std::min<int64_t>(D.S, budget / per_seq));
   // Equal chunks (no small tail): n = ceil(S / ceil(S / n_max)).
   const int64_t chunks = (D.S + n_max - 1) / n_max;
   return std::max<int64_t>(1, (D.S + chunks - 1) / std::max<int64_t>(chunks, 1));
