@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 // Contract a * b + c into FMAs where the target has them (the build's -ffp-contract=off keeps the row
@@ -84,14 +85,6 @@ struct Scratch {
     p = v.data() + ((64 - a % 64) % 64) / sizeof(float);
   }
 };
-
-// bt (d rows of mp) = (rows j < M of d channels)^T * mul, zero columns j >= M.
-inline void pack_transposed(const Geometry& g, const float* first, float mul, float* bt) {
-  for (int64_t j = 0; j < g.M; ++j) {
-    const float* row = first + j * 2 * g.C;
-    for (int64_t c = 0; c < g.d; ++c) bt[c * g.mp + j] = row[c] * mul;
-  }
-}
 
 // b (M rows of dp) = the rows j < M of d channels, zero channels c >= d.
 inline void pack_rows(const Geometry& g, const float* first, float* b) {

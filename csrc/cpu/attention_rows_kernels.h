@@ -10,7 +10,7 @@
 constexpr int kW = kIsa == 2 ? 16 : kIsa == 1 ? 8 : 4;
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
-constexpr int kMaxV = kIsa == 2 ? 6 : 2;
+constexpr int kMaxV = kIsa == 2 ? 6 : kIsa == 1 ? 3 : 2;
 constexpr int kSumV = kIsa == 2 ? 4 : 2;
 static_assert(kPad % kW == 0, "padding must be whole vectors");
 
@@ -89,6 +89,51 @@ HK_HOT_IMPL void copy_floats(float* dst, const float* src, int64_t n) {
   int64_t c = 0;
   for (; c + kW <= n; c += kW) vstore(dst + c, vload(src + c));
   for (; c < n; ++c) dst[c] = src[c];
+}
+
+// One butterfly step of a kW x kW transpose (rows r[i], r[i + h] for i with bit h clear): after the
+// steps h = kW/2, ..., 1, r[i] holds column i.
+template <int h, int... l>
+HK_HOT_IMPL void transpose_step(vf* r, std::integer_sequence<int, l...>) {
+#pragma GCC unroll 16
+  for (int i = 0; i < kW; ++i) {
+    if (i & h) continue;
+    const vf a = r[i], b = r[i + h];
+    r[i] = __builtin_shufflevector(a, b, ((l & h) == 0 ? l : kW + l - h)...);
+    r[i + h] = __builtin_shufflevector(a, b, ((l & h) == 0 ? l + h : kW + l)...);
+  }
+}
+template <int h>
+HK_HOT_IMPL void transpose(vf* r) {
+  transpose_step<h>(r, std::make_integer_sequence<int, kW>{});
+  if constexpr (h > 1) transpose<h / 2>(r);
+}
+
+// bt (d rows of mp) = (the M rows of d channels from first, at stride ld)^T * mul, zero columns
+// j >= M: kW x kW blocks transposed in registers.
+HK_HOT_IMPL void pack_transposed(const float* first, int64_t ld, int64_t M, int64_t d, int64_t mp, float mul,
+                                 float* bt) {
+  const vf mv = vsplat(mul);
+  for (int64_t j0 = 0; j0 < mp; j0 += kW) {
+    for (int64_t c0 = 0; c0 < d; c0 += kW) {
+      const int64_t cn = std::min<int64_t>(kW, d - c0);
+      vf r[kW];
+#pragma GCC unroll 16
+      for (int i = 0; i < kW; ++i) {
+        if (j0 + i >= M) {
+          r[i] = vf{};
+        } else if (cn == kW) {
+          r[i] = vload(first + (j0 + i) * ld + c0);
+        } else {
+          float t[kW] = {};
+          for (int64_t c = 0; c < cn; ++c) t[c] = first[(j0 + i) * ld + c0 + c];
+          r[i] = vload(t);
+        }
+      }
+      transpose<kW / 2>(r);
+      for (int64_t c = 0; c < cn; ++c) vstore(bt + (c0 + c) * mp + j0, r[c] * mv);
+    }
+  }
 }
 
 // s (kR rows of mp) = rows a[r] (d channels) times bt (d rows of mp) + bias (mp: 0, or -inf at the
@@ -244,7 +289,7 @@ void forward_task(const Geometry& g, int64_t s, int64_t h, int64_t i0, int64_t i
   float* bias = vp + M * dp; // (mp): 0 at the keys, -inf at the padding
   float* sb = bias + mp;     // (kR, mp): logits, then exp(logit - max)
   float* yb = sb + kR * mp;  // (kR, dp): output rows
-  pack_transposed(g, g.k_row(s, h, 0), g.scale, kt);
+  pack_transposed(g.k_row(s, h, 0), 2 * g.C, M, d, mp, g.scale, kt);
   pack_rows(g, g.v_row(s, h, 0), vp);
   std::fill(bias + M, bias + mp, -std::numeric_limits<float>::infinity());
   for (int64_t i = i0; i < i1; i += kR) {
@@ -293,8 +338,8 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
   float* pb = ob + kR * dp;   // (kR, mp): probabilities
   float* db = pb + kR * mp;   // (kR, mp): dP, then dS * scale
   float* yb = db + kR * mp;   // (kR, dp): dQ rows
-  pack_transposed(g, g.k_row(s, h, 0), g.scale, kt);
-  pack_transposed(g, g.v_row(s, h, 0), 1.0f, vt);
+  pack_transposed(g.k_row(s, h, 0), 2 * g.C, M, d, mp, g.scale, kt);
+  pack_transposed(g.v_row(s, h, 0), 2 * g.C, M, d, mp, 1.0f, vt);
   pack_rows(g, g.k_row(s, h, 0), kp);
   std::fill(bias + M, bias + mp, -std::numeric_limits<float>::infinity());
   const float* lse_sh = lse + (s * g.H + h) * L;
