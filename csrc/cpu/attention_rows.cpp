@@ -8,11 +8,13 @@
 // whole (sequence, head): dK and dV accumulate in its scratch over the row blocks in order, so no
 // two threads write the same element and the sums do not depend on the thread count.
 //
-// Instruction-set paths (tpc_common.h's cpu_isa): the same body is compiled for AVX-512, AVX2 + FMA
-// and the baseline ISA, on 16-lane vectors (one zmm, two ymm, four xmm); the AVX-512 and AVX2 paths
-// use fused multiply-adds and larger register blocks, the baseline separate multiplies and adds, so
-// the paths agree to rounding (each within the tested tolerance of the float64 reference), not
-// bitwise. exp is a Cody-Waite range reduction with a degree-6 polynomial (about 1 ulp).
+// Instruction-set paths (tpc_common.h's cpu_isa): the kernels (attention_rows_kernels.h) are
+// compiled three times, each inside a `#pragma GCC target` region, on the path's own vectors: 16
+// lanes (zmm) on AVX-512, 8 (ymm) on AVX2 + FMA, 4 (xmm) on the baseline, with register blocks
+// sized to its register file. The AVX-512 and AVX2 paths use fused multiply-adds, the baseline
+// separate multiplies and adds, and each path's row sums follow its vector width, so the paths
+// agree to rounding (each within the tested tolerance of the float64 reference), not bitwise. exp
+// is a Cody-Waite range reduction with a degree-6 polynomial (about 1 ulp).
 #include "attention_rows.h"
 
 #include "tpc_common.h"
@@ -29,8 +31,8 @@
 
 // Contract a * b + c into FMAs where the target has them (the build's -ffp-contract=off keeps the row
 // kernels of tpc_common.h bitwise equal across paths; these need not be). No loop vectoriser: the
-// kernels are written on vectors already, and it would re-vectorise the channel loop of
-// rows_times_cols across lanes (16 masked broadcasts per step).
+// kernels are written on vectors already, and it re-vectorises their loops across lanes (masked
+// broadcasts and spills: several times the stack traffic, measured in the object code).
 #pragma GCC optimize("fp-contract=fast", "no-tree-loop-vectorize")
 #pragma GCC diagnostic ignored "-Wpsabi"  // vf in internal functions only
 
@@ -117,27 +119,21 @@ constexpr int kIsa = 0;
 using ForwardTask = void (*)(const Geometry&, int64_t, int64_t, int64_t, int64_t, float*, float*);
 using BackwardTask = void (*)(const Geometry&, const float*, const float*, const float*, int64_t, int64_t, float*,
                               float*);
+struct Tasks {
+  ForwardTask forward;
+  BackwardTask backward;
+};
 
-ForwardTask forward_task() {
+// The row kernels of the instruction-set path this call takes.
+Tasks tasks() {
 #if defined(HK_ISA_CLONES)
   switch (tpc::cpu_isa::level()) {
-    case tpc::cpu_isa::kAvx512: return v4::forward_task;
-    case tpc::cpu_isa::kAvx2: return v3::forward_task;
+    case tpc::cpu_isa::kAvx512: return {v4::forward_task, v4::backward_task};
+    case tpc::cpu_isa::kAvx2: return {v3::forward_task, v3::backward_task};
     default: break;
   }
 #endif
-  return generic::forward_task;
-}
-
-BackwardTask backward_task() {
-#if defined(HK_ISA_CLONES)
-  switch (tpc::cpu_isa::level()) {
-    case tpc::cpu_isa::kAvx512: return v4::backward_task;
-    case tpc::cpu_isa::kAvx2: return v3::backward_task;
-    default: break;
-  }
-#endif
-  return generic::backward_task;
+  return {generic::forward_task, generic::backward_task};
 }
 
 void check_f32(const char* name, const at::Tensor& t) {
@@ -162,7 +158,7 @@ void forward(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& kv, in
   // few to keep the threads busy.
   const int64_t rows_per_task = n * H >= 4 * at::get_num_threads() ? L : kTaskRows;
   const int64_t row_tasks = (L + rows_per_task - 1) / rows_per_task;
-  const ForwardTask task = forward_task();
+  const ForwardTask task = tasks().forward;
   float* o_p = o.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   // Every task writes its own rows: the result does not depend on how tasks meet threads.
@@ -185,7 +181,7 @@ void backward(const at::Tensor& dO, const at::Tensor& q, int64_t q_seq_stride, c
   TORCH_CHECK(supported(M, g.d) && dO.numel() == n * L * g.C && o.numel() == n * L * g.C &&
                   lse.numel() == n * H * L && dq.numel() == n * L * g.C && dkv.numel() == n * M * 2 * g.C,
               "attention rows: unsupported or inconsistent shapes");
-  const BackwardTask task = backward_task();
+  const BackwardTask task = tasks().backward;
   const float *dO_p = dO.data_ptr<float>(), *o_p = o.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
   float *dq_p = dq.data_ptr<float>(), *dkv_p = dkv.data_ptr<float>();
   at::parallel_for(0, n * H, 1, [&](int64_t b, int64_t e) {
