@@ -39,13 +39,12 @@ CUDA_PREFERENCE = {
 # Default backend order on CPU tensors, per op: measured (`hot-kernels bench`, fp32, 2 threads,
 # every default shape, forward and forward+backward, AMD EPYC Zen 4 and Zen 5, the avx2 path forced
 # too: benchmarks/results/cpu-amd-epyc-zen5-2026-12-02/; Intel Xeon Ice Lake, AVX-512 and the avx2
-# path: benchmarks/results/cpu-intel-xeon-icelake-2026-12-02/, TRA 1.26-1.64x the reference there).
+# path with ATen and MKL on AVX2 as well: benchmarks/results/cpu-intel-xeon-icelake-2026-12-02-rows/).
 # The cpu backend is faster than the reference (the only other backend that runs on a CPU without
-# the Triton interpreter) in every case but one: TRA forward+backward at C = 128, B = 1 in one run
-# (0.97x; 1.09x in the next, tra-balanced-gemm/; 1.09-1.57x at every other TRA shape). So cpu comes
-# first for every op (the sub-ops of dpc_knn and token_pruning_cluster are timed through them, not
-# one by one). An op whose cpu kernel lost to the reference across its shapes would list reference
-# first here.
+# the Triton interpreter) in every case there: dpc_knn 2.1-10x, token_pruning_cluster 2.4-6x, TRA
+# 1.3-2.0x (the sub-ops of dpc_knn and token_pruning_cluster are timed through them, not one by
+# one). So cpu comes first for every op. An op whose cpu kernel lost to the reference across its
+# shapes would list reference first here.
 CPU_PREFERENCE = {
     "pairwise_distance": ("cpu", "reference"),
     "knn_density": ("cpu", "reference"),

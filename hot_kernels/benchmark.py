@@ -337,8 +337,15 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# Environment variables that change what a run measures (the cpu backend's instruction-set path,
+# ATen's and MKL's kernels, thread counts, the default backend), recorded with it when set.
+RECORDED_ENV = ("HOT_KERNELS_CPU_ISA", "HOT_KERNELS_BACKEND", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET")
+
+
 def environment(device: torch.device | str = "cpu") -> dict:
-    """Device name, versions, commit and date: stored with every run and every record."""
+    """Device name, versions, commit, date, the cpu backend's instruction-set path and the
+    environment variables of RECORDED_ENV that are set: stored with every run and every record."""
     device = torch.device(device)
     try:
         import triton
@@ -355,6 +362,8 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "cpu_threads": torch.get_num_threads(),
         "hot_kernels": __version__,
         "hot_kernels_C": None if _ext.C is None else ("cpu+cuda" if _ext.C.with_cuda else "cpu"),
+        "cpu_isa": None if _ext.C is None else _ext.C.cpu_isa(),
+        "env": {k: os.environ[k] for k in RECORDED_ENV if os.environ.get(k)},
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda,
@@ -734,6 +743,10 @@ def write_results(out_dir: str, records: list, env: dict, *, name: str = "bench"
         fh.write(f"device      {env['device']} ({env['device_type']}, {env['cpu_threads']} CPU threads)\n")
         fh.write(f"versions    hot_kernels {env['hot_kernels']} (_C: {env.get('hot_kernels_C')}), torch {env['torch']}, "
                  f"triton {env['triton']}, CUDA {env['cuda']}, Python {env['python']}\n")
+        if env.get("cpu_isa"):
+            fh.write(f"cpu path    {env['cpu_isa']} (hot_kernels.cpu_isa())\n")
+        if env.get("env"):
+            fh.write("environment " + " ".join(f"{k}={v}" for k, v in env["env"].items()) + "\n")
         fh.write(f"git commit  {env['git_commit']}\n")
         fh.write(f"date        {env['date']}\n")
         if wall_s is not None:

@@ -78,6 +78,15 @@ def test_tiny_run_writes_checked_records(tiny_run):
     assert doc["command"].startswith("hot-kernels bench")
 
 
+def test_environment_records_the_cpu_path_and_the_variables_that_change_a_run(monkeypatch):
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.delenv("MKL_ENABLE_INSTRUCTIONS", raising=False)
+    env = H.environment("cpu")
+    assert env["env"].get("ATEN_CPU_CAPABILITY") == "avx2"
+    assert "MKL_ENABLE_INSTRUCTIONS" not in env["env"]
+    assert env["cpu_isa"] == hot_kernels.cpu_isa()
+
+
 def _runs_here():
     return [b for b, why in hot_kernels.available_backends("cpu").items() if why is None]
 
