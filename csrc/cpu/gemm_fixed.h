@@ -8,11 +8,10 @@
 // OpenMP region, where BLAS runs single-threaded. Every output element is so computed by one
 // single-threaded BLAS call over the whole reduction. The tiles depend on the shapes only: about
 // kGemmMinRows rows, or kGemmTallRows for tall outputs (each row block packs all of b), at most
-// kGemmMaxBlocks row blocks; an output
-// of one row block is also cut into column blocks and shorter row blocks, down to kGemmMinCols,
-// up to kGemmMinTasks tiles. An accumulation with a long reduction into such an output (a (C, C)
-// weight gradient at C <= 256) instead cuts the reduction into fixed chunks whose partial
-// products are added in chunk order (gemm_fixed_split_k).
+// kGemmMaxBlocks row blocks; an output of one row block is also cut into column blocks and shorter
+// row blocks, down to kGemmMinCols, up to kGemmMinTasks tiles. An accumulation with a long
+// reduction into such an output (a (C, C) weight gradient at C <= 256) instead cuts the reduction
+// into fixed chunks whose partial products are added in chunk order (gemm_fixed_split_k).
 #pragma once
 
 #include <ATen/ATen.h>
