@@ -78,16 +78,6 @@ Geometry geometry(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& k
   return g;
 }
 
-// A float buffer of n zeros, 64-byte aligned.
-struct Scratch {
-  std::vector<float> v;
-  float* p = nullptr;
-  explicit Scratch(int64_t n) : v(static_cast<size_t>(n) + 16, 0.0f) {
-    const auto a = reinterpret_cast<std::uintptr_t>(v.data());
-    p = v.data() + ((64 - a % 64) % 64) / sizeof(float);
-  }
-};
-
 // b (M rows of dp) = the rows j < M of d channels, zero channels c >= d.
 inline void pack_rows(const Geometry& g, const float* first, float* b) {
   for (int64_t j = 0; j < g.M; ++j) std::memcpy(b + j * g.dp, first + j * 2 * g.C, g.d * sizeof(float));

@@ -84,6 +84,16 @@ HK_HOT_IMPL vf vexp(vf x) {
   return (vf)((vi)y & ~under);
 }
 
+// a . b over n floats: whole vectors, then a scalar tail.
+HK_HOT_IMPL float dot(const float* a, const float* b, int64_t n) {
+  vf acc = vf{};
+  int64_t c = 0;
+  for (; c + kW <= n; c += kW) acc = fmadd(vload(a + c), vload(b + c), acc);
+  float t = hsum(acc);
+  for (; c < n; ++c) t += a[c] * b[c];
+  return t;
+}
+
 // Copy n floats (n >= 0) with vectors, then a scalar tail.
 HK_HOT_IMPL void copy_floats(float* dst, const float* src, int64_t n) {
   int64_t c = 0;
@@ -169,6 +179,18 @@ HK_HOT_IMPL void logits_cols(const float* const* a, const float* bt, const float
   }
 }
 
+// The last (fewer than kMaxV) vectors of keys from j0: nv of them, one register pass.
+template <int kV>
+HK_HOT_IMPL void logits_tail(int64_t nv, const float* const* a, const float* bt, const float* bias, int64_t mp,
+                             int64_t d, int64_t j0, float* s, vf* mx) {
+  if constexpr (kV >= 1) {
+    if (nv == kV)
+      logits_cols<kV>(a, bt, bias, mp, d, j0, s, mx);
+    else
+      logits_tail<kV - 1>(nv, a, bt, bias, mp, d, j0, s, mx);
+  }
+}
+
 // The logits of kR rows over every key (see logits_cols); returns the row maxima in m.
 HK_HOT_IMPL void logits(const float* const* a, const float* bt, const float* bias, int64_t mp, int64_t d, float* s,
                         float* m) {
@@ -176,34 +198,21 @@ HK_HOT_IMPL void logits(const float* const* a, const float* bt, const float* bia
   for (int r = 0; r < kR; ++r) mx[r] = vsplat(-std::numeric_limits<float>::infinity());
   int64_t j0 = 0;
   for (; j0 + kMaxV * kW <= mp; j0 += kMaxV * kW) logits_cols<kMaxV>(a, bt, bias, mp, d, j0, s, mx);
-  if constexpr (kMaxV > 1) {
-    switch ((mp - j0) / kW) {
-      case 5: logits_cols<(kMaxV > 5 ? 5 : 1)>(a, bt, bias, mp, d, j0, s, mx); break;
-      case 4: logits_cols<(kMaxV > 4 ? 4 : 1)>(a, bt, bias, mp, d, j0, s, mx); break;
-      case 3: logits_cols<(kMaxV > 3 ? 3 : 1)>(a, bt, bias, mp, d, j0, s, mx); break;
-      case 2: logits_cols<(kMaxV > 2 ? 2 : 1)>(a, bt, bias, mp, d, j0, s, mx); break;
-      case 1: logits_cols<1>(a, bt, bias, mp, d, j0, s, mx); break;
-      default: break;
-    }
-  }
+  logits_tail<kMaxV - 1>((mp - j0) / kW, a, bt, bias, mp, d, j0, s, mx);
   for (int r = 0; r < kR; ++r) m[r] = hmax(mx[r]);
 }
 
 // y (kR rows of dp) = (p (kR rows at stride mp, M used) times b (M rows of dp)) * mul[r], for the
-// kV vectors of channels from c0. kSplit: even and odd keys go to separate accumulators, added at
-// the end (twice the chains in flight where kR * kV alone is too few to hide the FMA latency).
-template <int kV, bool kSplit>
+// kV vectors of channels from c0.
+template <int kV>
 HK_HOT_IMPL void combine_cols(const float* p, int64_t mp, const float* b, int64_t M, int64_t dp, int64_t c0,
                               const float* mul, float* y) {
-  constexpr int kS = kSplit ? 2 : 1;
-  vf acc[kS][kR][kV];
-#pragma GCC unroll 2
-  for (int u = 0; u < kS; ++u)
+  vf acc[kR][kV];
 #pragma GCC unroll 8
-    for (int r = 0; r < kR; ++r)
+  for (int r = 0; r < kR; ++r)
 #pragma GCC unroll 8
-      for (int t = 0; t < kV; ++t) acc[u][r][t] = vf{};
-  auto step = [&](int u, int64_t j) __attribute__((always_inline)) {
+    for (int t = 0; t < kV; ++t) acc[r][t] = vf{};
+  for (int64_t j = 0; j < M; ++j) {
     vf bj[kV];
 #pragma GCC unroll 8
     for (int t = 0; t < kV; ++t) bj[t] = vload(b + j * dp + c0 + t * kW);
@@ -211,38 +220,25 @@ HK_HOT_IMPL void combine_cols(const float* p, int64_t mp, const float* b, int64_
     for (int r = 0; r < kR; ++r) {
       const vf pr = vsplat(p[r * mp + j]);
 #pragma GCC unroll 8
-      for (int t = 0; t < kV; ++t) acc[u][r][t] = fmadd(pr, bj[t], acc[u][r][t]);
-    }
-  };
-  int64_t j = 0;
-  if constexpr (kSplit) {
-    for (; j + 2 <= M; j += 2) {
-      step(0, j);
-      step(1, j + 1);
+      for (int t = 0; t < kV; ++t) acc[r][t] = fmadd(pr, bj[t], acc[r][t]);
     }
   }
-  for (; j < M; ++j) step(0, j);
 #pragma GCC unroll 8
   for (int r = 0; r < kR; ++r) {
     const vf mr = vsplat(mul[r]);
 #pragma GCC unroll 8
-    for (int t = 0; t < kV; ++t) {
-      vf v = acc[0][r][t];
-      if constexpr (kSplit) v = v + acc[1][r][t];
-      vstore(y + r * dp + c0 + t * kW, v * mr);
-    }
+    for (int t = 0; t < kV; ++t) vstore(y + r * dp + c0 + t * kW, acc[r][t] * mr);
   }
 }
 
 HK_HOT_IMPL void combine(const float* p, int64_t mp, const float* b, int64_t M, int64_t dp, const float* mul,
                          float* y) {
   int64_t c0 = 0;
-  constexpr bool kSplit = kIsa == 2;  // 32 registers: room for two sets of 4 x 2
-  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) combine_cols<kSumV, false>(p, mp, b, M, dp, c0, mul, y);
+  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) combine_cols<kSumV>(p, mp, b, M, dp, c0, mul, y);
   if constexpr (kSumV > 2) {
-    if (c0 + 2 * kW <= dp) combine_cols<2, kSplit>(p, mp, b, M, dp, c0, mul, y), c0 += 2 * kW;
+    if (c0 + 2 * kW <= dp) combine_cols<2>(p, mp, b, M, dp, c0, mul, y), c0 += 2 * kW;
   }
-  for (; c0 < dp; c0 += kW) combine_cols<1, kSplit>(p, mp, b, M, dp, c0, mul, y);
+  for (; c0 < dp; c0 += kW) combine_cols<1>(p, mp, b, M, dp, c0, mul, y);
 }
 
 // acc (M rows of dp) += p^T a: acc_j += sum_r p[r][j] a_r, r in order (a: kR rows of dp), for the
@@ -283,8 +279,9 @@ HK_HOT_IMPL void accumulate(const float* p, int64_t mp, const float* a, int64_t 
 // Rows [i0, i1) of (sequence s, head h): their o rows and lse.
 void forward_task(const Geometry& g, int64_t s, int64_t h, int64_t i0, int64_t i1, float* o, float* lse) {
   const int64_t mp = g.mp, dp = g.dp, M = g.M, d = g.d;
-  Scratch buf(d * mp + M * dp + mp + kR * mp + kR * dp);
-  float* kt = buf.p;         // (d, mp): K^T * scale, zero padding columns
+  tpc::AlignedBuf<float> buf;
+  buf.assign_zero(d * mp + M * dp + mp + kR * mp + kR * dp);
+  float* kt = buf.data();    // (d, mp): K^T * scale, zero padding columns
   float* vp = kt + d * mp;   // (M, dp): V, zero padding channels
   float* bias = vp + M * dp; // (mp): 0 at the keys, -inf at the padding
   float* sb = bias + mp;     // (kR, mp): logits, then exp(logit - max)
@@ -324,8 +321,9 @@ void forward_task(const Geometry& g, int64_t s, int64_t h, int64_t i0, int64_t i
 void backward_task(const Geometry& g, const float* dO, const float* o, const float* lse, int64_t s, int64_t h,
                    float* dq, float* dkv) {
   const int64_t mp = g.mp, dp = g.dp, M = g.M, d = g.d, L = g.L, C = g.C;
-  Scratch buf(2 * d * mp + 3 * M * dp + 2 * mp + 3 * kR * dp + 2 * kR * mp + kR * dp);
-  float* kt = buf.p;          // (d, mp): K^T * scale
+  tpc::AlignedBuf<float> buf;
+  buf.assign_zero(2 * d * mp + 3 * M * dp + 2 * mp + 2 * kR * dp + 2 * kR * mp + kR * dp);
+  float* kt = buf.data();     // (d, mp): K^T * scale
   float* vt = kt + d * mp;    // (d, mp): V^T
   float* kp = vt + d * mp;    // (M, dp): K
   float* dk = kp + M * dp;    // (M, dp): dK accumulator
@@ -334,8 +332,7 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
   float* zero = bias + mp;    // (mp): zeros
   float* qb = zero + mp;       // (kR, dp): the block's query rows (zero rows and channels past the ends)
   float* gb = qb + kR * dp;   // (kR, dp): the block's dO rows (likewise)
-  float* ob = gb + kR * dp;   // (kR, dp): the block's o rows (likewise)
-  float* pb = ob + kR * dp;   // (kR, mp): probabilities
+  float* pb = gb + kR * dp;   // (kR, mp): probabilities
   float* db = pb + kR * mp;   // (kR, mp): dP, then dS * scale
   float* yb = db + kR * mp;   // (kR, dp): dQ rows
   pack_transposed(g.k_row(s, h, 0), 2 * g.C, M, d, mp, g.scale, kt);
@@ -343,31 +340,28 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
   pack_rows(g, g.k_row(s, h, 0), kp);
   std::fill(bias + M, bias + mp, -std::numeric_limits<float>::infinity());
   const float* lse_sh = lse + (s * g.H + h) * L;
-  const float* qrows[kR] = {qb, qb + dp, qb + 2 * dp, qb + 3 * dp};
-  const float* grows[kR] = {gb, gb + dp, gb + 2 * dp, gb + 3 * dp};
-  const float ones[kR] = {1.0f, 1.0f, 1.0f, 1.0f};
-  static_assert(kR == 4, "the row pointer tables above list kR rows");
+  const float* qrows[kR];
+  const float* grows[kR];
+  float ones[kR];
+  for (int r = 0; r < kR; ++r) qrows[r] = qb + r * dp, grows[r] = gb + r * dp, ones[r] = 1.0f;
   for (int64_t i = 0; i < L; i += kR) {
     const int rows = static_cast<int>(std::min<int64_t>(kR, L - i));
     float lse_b[kR], m_unused[kR];
-    vf delta[kR];
+    vf delta[kR];  // D_r = dO_r . o_r
     for (int r = 0; r < kR; ++r) {
       if (r < rows) {
         const int64_t row = s * L + i + r;
         copy_floats(qb + r * dp, g.q_row(s, h, i + r), d);
         copy_floats(gb + r * dp, dO + row * C + h * d, d);
-        copy_floats(ob + r * dp, o + row * C + h * d, d);
         lse_b[r] = lse_sh[i + r];
+        delta[r] = vsplat(dot(gb + r * dp, o + row * C + h * d, d));
       } else {
         // Zero rows with lse = +inf: probabilities exactly 0, so they add nothing to dK and dV.
         std::fill(qb + r * dp, qb + r * dp + d, 0.0f);
         std::fill(gb + r * dp, gb + r * dp + d, 0.0f);
-        std::fill(ob + r * dp, ob + r * dp + d, 0.0f);
         lse_b[r] = std::numeric_limits<float>::infinity();
+        delta[r] = vf{};
       }
-      vf acc = vf{};  // D_r = dO_r . o_r
-      for (int64_t c = 0; c < dp; c += kW) acc = fmadd(vload(gb + r * dp + c), vload(ob + r * dp + c), acc);
-      delta[r] = vsplat(hsum(acc));
     }
     logits(qrows, kt, bias, mp, d, pb, m_unused);
     logits(grows, vt, zero, mp, d, db, m_unused);  // dP (0 at the padding, where P is 0)
