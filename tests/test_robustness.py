@@ -879,6 +879,11 @@ def test_cpu_results_do_not_depend_on_the_thread_count(target, isa):
                          requires_grad=True)
             o = TRA(**a, num_heads=4, backend="cpu")
             out += [o, *torch.autograd.grad(o, [t for t in a.values() if t is not None], torch.ones_like(o))]
+        # 6 (sequence, head) pairs: the attention core gives each a task at 1 thread and splits their
+        # rows into tasks from 2 threads on (csrc/cpu/attention_rows.cpp).
+        a = tra_args(target, S=3, L=150, M=9, C=32, dtype=torch.float32, shared=True, bias=True, requires_grad=True)
+        o = TRA(**a, num_heads=2, backend="cpu")
+        out += [o, *torch.autograd.grad(o, [t for t in a.values() if t is not None], torch.ones_like(o))]
         return out
 
     threads = torch.get_num_threads()
