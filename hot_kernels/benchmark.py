@@ -353,7 +353,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    from . import _ext
+    from . import _dispatch, _ext
     from .version import __version__
 
     return {
@@ -362,7 +362,7 @@ def environment(device: torch.device | str = "cpu") -> dict:
         "cpu_threads": torch.get_num_threads(),
         "hot_kernels": __version__,
         "hot_kernels_C": None if _ext.C is None else ("cpu+cuda" if _ext.C.with_cuda else "cpu"),
-        "cpu_isa": None if _ext.C is None else _ext.C.cpu_isa(),
+        "cpu_isa": _dispatch.cpu_isa(),
         "env": {k: os.environ[k] for k in RECORDED_ENV if os.environ.get(k)},
         "torch": torch.__version__,
         "triton": triton_version,
