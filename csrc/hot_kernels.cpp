@@ -201,20 +201,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas_supported", &hk::cpu_isas_supported, "CPU instruction-set paths this CPU runs, best first");
   m.def("cpu_isa", &hk::cpu_isa, "the CPU instruction-set path the row kernels take now");
   m.def("set_cpu_isa", &hk::set_cpu_isa, "take this CPU instruction-set path; returns the previous one");
-  m.def("pairwise_distance", &hk::pairwise_distance);
-  m.def("pairwise_distance_backward", &hk::pairwise_distance_backward);
-  m.def("knn_density", &hk::knn_density);
-  m.def("dpc_delta", &hk::dpc_delta);
-  m.def("topf_select", &hk::topf_select);
-  m.def("dpc_knn", &hk::dpc_knn);
-  m.def("gather_frames", &hk::gather_frames);
-  m.def("gather_frames_backward", &hk::gather_frames_backward);
-  m.def("token_recovering_attention", &hk::token_recovering_attention);
-  m.def("token_recovering_attention_backward", &hk::token_recovering_attention_backward);
-  m.def("token_recovering_interpolation", &hk::token_recovering_interpolation);
-  m.def("token_recovering_interpolation_backward", &hk::token_recovering_interpolation_backward);
-  m.def("merge_tokens", &hk::merge_tokens);
-  m.def("merge_tokens_backward", &hk::merge_tokens_backward);
+  // The kernels run without the GIL, as torch's own ops do: their OpenMP workers copy the caller's
+  // thread-local state (ThreadLocalState), which holds Python objects (saved-tensor hooks under
+  // torch.utils.checkpoint, say) whose reference counts need the GIL. Holding it here would
+  // deadlock the team at its first barrier.
+  const auto no_gil = py::call_guard<py::gil_scoped_release>();
+  m.def("pairwise_distance", &hk::pairwise_distance, no_gil);
+  m.def("pairwise_distance_backward", &hk::pairwise_distance_backward, no_gil);
+  m.def("knn_density", &hk::knn_density, no_gil);
+  m.def("dpc_delta", &hk::dpc_delta, no_gil);
+  m.def("topf_select", &hk::topf_select, no_gil);
+  m.def("dpc_knn", &hk::dpc_knn, no_gil);
+  m.def("gather_frames", &hk::gather_frames, no_gil);
+  m.def("gather_frames_backward", &hk::gather_frames_backward, no_gil);
+  m.def("token_recovering_attention", &hk::token_recovering_attention, no_gil);
+  m.def("token_recovering_attention_backward", &hk::token_recovering_attention_backward, no_gil);
+  m.def("token_recovering_interpolation", &hk::token_recovering_interpolation, no_gil);
+  m.def("token_recovering_interpolation_backward", &hk::token_recovering_interpolation_backward, no_gil);
+  m.def("merge_tokens", &hk::merge_tokens, no_gil);
+  m.def("merge_tokens_backward", &hk::merge_tokens_backward, no_gil);
 #ifdef HOT_KERNELS_WITH_CUDA
   m.def("cuda_iota", &hk::cuda_iota_entry);
   m.attr("with_cuda") = true;
