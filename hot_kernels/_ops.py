@@ -15,7 +15,9 @@ an op differentiable (pairwise_distance, gather_frames, token_recovering_attenti
 token_recovering_interpolation, merge_tokens). The ``reference`` backend is
 plain PyTorch and does not go through these ops.
 
-Nothing here validates: hot_kernels/functional.py does, before it calls these.
+Nothing here validates: hot_kernels/functional.py does, before it calls these. In plain eager
+execution functional.py calls the cpu/cuda kernels past these ops (hot_kernels/_eager.py), with the
+setup and backward functions defined here.
 """
 from __future__ import annotations
 
@@ -152,9 +154,10 @@ def _pd_setup(ctx, inputs, output):
     ctx.save_for_backward(x, y, output)
 
 
-def _pd_backward(ctx, grad):
+def _pd_backward(ctx, grad, run_backward=None):
     x, y, dist = ctx.saved_tensors
-    gx, gy = pairwise_distance_backward(grad.contiguous(), x, y if ctx.has_y else None, dist, ctx.backend)
+    run_backward = run_backward or pairwise_distance_backward
+    gx, gy = run_backward(grad.contiguous(), x, y if ctx.has_y else None, dist, ctx.backend)
     return gx, (gy if ctx.has_y else None), None
 
 
@@ -287,9 +290,10 @@ def _gather_setup(ctx, inputs, output):
     ctx.save_for_backward(index)
 
 
-def _gather_backward(ctx, grad):
+def _gather_backward(ctx, grad, run_backward=None):
     (index,) = ctx.saved_tensors
-    grad_x, grad_pos = gather_frames_backward(grad.contiguous(), index, ctx.num_frames, ctx.pos_batch, ctx.backend)
+    run_backward = run_backward or gather_frames_backward
+    grad_x, grad_pos = run_backward(grad.contiguous(), index, ctx.num_frames, ctx.pos_batch, ctx.backend)
     return grad_x, None, (grad_pos if ctx.pos_batch else None), None
 
 
@@ -386,10 +390,11 @@ def _tra_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _tra_backward(ctx, grad_out, _grad_lse, _grad_kv, _grad_o):
+def _tra_backward(ctx, grad_out, _grad_lse, _grad_kv, _grad_o, run_backward=None):
     *tensors, lse, kv, o = ctx.saved_tensors
-    grads = token_recovering_attention_backward(grad_out.contiguous(), *tensors, lse, kv, o, ctx.num_heads,
-                                                ctx.scale, ctx.residual, ctx.backend)
+    run_backward = run_backward or token_recovering_attention_backward
+    grads = run_backward(grad_out.contiguous(), *tensors, lse, kv, o, ctx.num_heads, ctx.scale, ctx.residual,
+                         ctx.backend)
     # An absent bias gets an empty gradient from the kernel: autograd wants None for it.
     grads = [None if t is None else g for g, t in zip(grads, tensors)]
     return (*grads, None, None, None, None, None)
@@ -431,9 +436,10 @@ def _interp_setup(ctx, inputs, output):
     ctx.save_for_backward(index)
 
 
-def _interp_backward(ctx, grad):
+def _interp_backward(ctx, grad, run_backward=None):
     (index,) = ctx.saved_tensors
-    grad_x = token_recovering_interpolation_backward(grad.contiguous(), index, ctx.num_kept, ctx.backend)
+    run_backward = run_backward or token_recovering_interpolation_backward
+    grad_x = run_backward(grad.contiguous(), index, ctx.num_kept, ctx.backend)
     return grad_x, None, None, None
 
 
@@ -479,11 +485,12 @@ def _merge_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
-def _merge_backward(ctx, grad, _grad_wsum):
+def _merge_backward(ctx, grad, _grad_wsum, run_backward=None):
     x, assignment, weight, out, wsum = ctx.saved_tensors
     weight_grad = ctx.has_weight and ctx.needs_input_grad[3]
-    gx, gw = merge_tokens_backward(grad.contiguous(), x, assignment, weight if ctx.has_weight else None, out, wsum,
-                                   weight_grad, ctx.backend)
+    run_backward = run_backward or merge_tokens_backward
+    gx, gw = run_backward(grad.contiguous(), x, assignment, weight if ctx.has_weight else None, out, wsum,
+                          weight_grad, ctx.backend)
     return gx, None, None, (gw if weight_grad else None), None
 
 

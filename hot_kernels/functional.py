@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _dispatch, _ops, reference
+from . import _dispatch, _eager, _ops, reference
 from . import _validate as V
 
 __all__ = [
@@ -27,6 +27,13 @@ __all__ = [
     "merge_tokens",
     "compose_indices",
 ]
+
+
+def _impl(backend: str, *tensors):
+    """Where a call on a compiled backend goes: the C++ kernels directly (hot_kernels/_eager.py)
+    when nothing needs to see a torch.library op (plain eager execution), else the ops
+    (hot_kernels/_ops.py). Both have the same functions, arguments and results."""
+    return _eager if _eager.applies(backend, *tensors) else _ops
 
 
 def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, backend: str | None = None) -> torch.Tensor:
@@ -47,7 +54,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor | None = None, *, backend
     if name == "reference":
         D = reference.pairwise_distance(x, y)
     else:
-        D = _ops.pairwise_distance(x, y, name)
+        D = _impl(name, x, y).pairwise_distance(x, y, name)
     V.outputs(op, values=[("D", D)])
     return D
 
@@ -69,7 +76,7 @@ def knn_density(x: torch.Tensor, k: int, token_mask: torch.Tensor | None = None,
     if name == "reference":
         rho = reference.knn_density(x, k, token_mask, log)
     else:
-        rho = _ops.knn_density(x, k, token_mask, log, name)
+        rho = _impl(name, x, token_mask).knn_density(x, k, token_mask, log, name)
     V.outputs(op, log_values=[("log rho" if log else "rho", rho)])
     return rho
 
@@ -97,7 +104,7 @@ def dpc_delta(x: torch.Tensor, density: torch.Tensor, token_mask: torch.Tensor |
     if name == "reference":
         delta, parent = reference.dpc_delta(x, density, token_mask)
     else:
-        delta, parent = _ops.dpc_delta(x, density, token_mask, name)
+        delta, parent = _impl(name, x, density, token_mask).dpc_delta(x, density, token_mask, name)
     V.outputs(op, values=[("delta", delta)], indices=[("parent", parent, x.shape[1], False)])
     return delta, parent
 
@@ -121,7 +128,7 @@ def topf_select(score: torch.Tensor, f: int, sorted: bool = True, exclude=None, 
     if name == "reference":
         index = reference.topf_select(score, f, sorted, ex)
     else:
-        index = _ops.topf_select(score, f, sorted, ex, name)
+        index = _impl(name, score, ex).topf_select(score, f, sorted, ex, name)
     V.outputs(op, indices=[("index", index, N, True)])
     return index
 
@@ -143,7 +150,8 @@ def _dpc_knn(op, x, f, k, token_mask, center, return_assignment, sorted, keep_ce
                                 keep_center=keep_center)
         index, assignment = out if return_assignment else (out, None)
     else:
-        index, assignment = _ops.dpc_knn(x, f, k, token_mask, center, keep_center, sorted, return_assignment, name)
+        index, assignment = _impl(name, x, token_mask).dpc_knn(x, f, k, token_mask, center, keep_center, sorted,
+                                                               return_assignment, name)
         assignment = assignment if return_assignment else None
     V.outputs(op, indices=[("index", index, N, True), ("assignment", assignment, f, False)])
     return index, assignment
@@ -197,8 +205,9 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
         x_kept, index = reference.token_pruning_cluster(x, f, k, center, pos_embed)
     else:
         # The selection reads (B, F, J, C) and pools over joints inside the kernel (no pooled copy).
-        index, _ = _ops.dpc_knn(x.detach(), f, k, None, center, True, True, False, name)
-        x_kept = _ops.gather_frames(x, index, pos_embed, _dispatch.resolve("gather_frames", x, backend))
+        index, _ = _impl(name, x, pos_embed).dpc_knn(x.detach(), f, k, None, center, True, True, False, name)
+        gather = _dispatch.resolve("gather_frames", x, backend)
+        x_kept = _impl(gather, x, index, pos_embed).gather_frames(x, index, pos_embed, gather)
     V.outputs(op, values=[("x_kept", x_kept)], indices=[("index", index, Fr, True)])
     return x_kept, index
 
@@ -244,8 +253,8 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
         # for nn.Linear + SDPA) instead of recomputing them.
         keep = torch.is_grad_enabled() and any(
             isinstance(t, torch.Tensor) and t.requires_grad for t in (query, x, wq, bq, wk, bk, wv, bv, wo, bo))
-        out = _ops.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
-                                              residual, keep, name)[0]
+        out = _impl(name, query, x, wq, bq, wk, bk, wv, bv, wo, bo).token_recovering_attention(
+            query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep, name)[0]
     V.outputs(op, values=[("out", out)])
     return out
 
@@ -266,7 +275,7 @@ def token_recovering_interpolation(x_kept: torch.Tensor, index: torch.Tensor, F:
     if name == "reference":
         out = reference.token_recovering_interpolation(x_kept, index, F)
     else:
-        out = _ops.token_recovering_interpolation(x_kept, index, F, name)
+        out = _impl(name, x_kept, index).token_recovering_interpolation(x_kept, index, F, name)
     V.outputs(op, values=[("out", out)])
     return out
 
@@ -292,7 +301,7 @@ def _cluster_mean(op, x, assignment, f, weight, backend):
     if name == "reference":
         out = reference.cluster_mean(x, assignment, f, weight)
     else:
-        out = _ops.merge_tokens(x, assignment, f, weight, name)[0]
+        out = _impl(name, x, assignment, weight).merge_tokens(x, assignment, f, weight, name)[0]
     V.outputs(op, values=[("out", out)])
     return out
 

@@ -1,0 +1,152 @@
+"""The eager fast path: the cpu/cuda backends' C++ kernels called directly, without the
+``torch.library`` ops of hot_kernels/_ops.py around them.
+
+A call through a torch.library op pays for two trips through the dispatcher (the public op and
+its opaque ``compiled_`` op) and, when it is differentiable, for torch's generated autograd
+wrapper: on a 2-core Xeon about 130 us per dpc_knn call (a third of its B = 1 time) and more
+per TRA forward+backward, whose wrapper re-reads the op's 15-argument schema on every call and
+materialises zero gradients for its three non-differentiable outputs. Those layers are what
+torch.compile, torch.export, functorch transforms, dispatch modes and tensor subclasses need
+to see one op per call; plain eager execution does not need them.
+
+So hot_kernels.functional takes this path when :func:`applies` (nothing could observe the op)
+and the ops otherwise. The kernels, their arguments and the autograd formulas (the setup and
+backward functions registered on the ops) are the same ones, so both paths give bitwise the
+same outputs and gradients (tests/test_eager.py). Under torch.profiler each call is labelled
+with its op's name (``hot_kernels::dpc_knn``, ``hot_kernels::token_recovering_attention_backward``,
+...), as on the op path. ``HOT_KERNELS_EAGER=0`` in the environment (read at import) turns the
+fast path off: every call then goes through the ops.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import _ext, _ops
+
+ENV_VAR = "HOT_KERNELS_EAGER"
+ENABLED = os.environ.get(ENV_VAR, "1") not in ("0", "false", "False", "no", "off")
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def applies(backend: str, *tensors) -> bool:
+    """Whether a call on ``backend`` with these tensor arguments (None for absent ones) may skip
+    the ops: a compiled backend (cpu, cuda), eager execution (not compiling, exporting or
+    jit-tracing), no torch dispatch or torch function mode, no functorch transform (vmap, grad,
+    jvp, functionalize), and every tensor a plain Tensor or Parameter (no subclass: FakeTensor,
+    FunctionalTensor, DTensor, a user's __torch_function__ class)."""
+    if not ENABLED or backend not in ("cpu", "cuda"):
+        return False
+    if torch.compiler.is_compiling():  # first: under Dynamo nothing below is traced
+        return False
+    if (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
+            or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None):
+        return False
+    return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def _labelled(name: str):
+    """Under torch.profiler, a range named like the op the call stands in for."""
+    if torch._C._autograd._profiler_enabled():
+        return torch.autograd.profiler.record_function(f"{_ops.LIB}::{name}")
+    return contextlib.nullcontext()
+
+
+def _run(name: str, first: Tensor, *args):
+    """The C++ entry point ``name`` of hot_kernels._C, as the op's ``compiled_`` body runs it."""
+    with _labelled(name), _ops._no_autocast(first):
+        return getattr(_ext.C, name)(first, *args)
+
+
+def _needs_graph(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _autograd_function(name: str, setup, backward):
+    """A torch.autograd.Function running op ``name``'s kernel with the op's own setup_context and
+    backward, the backward kernel called directly as well. Its forward takes the op's arguments
+    (backend last), so ``ctx.needs_input_grad`` lines up with the op's inputs."""
+    def run_backward(*args):
+        return _run(f"{name}_backward", *args[:-1])  # the backend, last, is the ops' routing argument
+
+    def forward(ctx, *inputs):
+        ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
+        output = _run(name, *inputs[:-1])
+        output = tuple(output) if isinstance(output, (tuple, list)) else output
+        setup(ctx, inputs, output)
+        return output
+
+    @once_differentiable
+    def backward_fn(ctx, *grads):
+        return backward(ctx, *grads, run_backward=run_backward)
+
+    return type(f"{name}_eager", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward_fn)})
+
+
+_PairwiseDistance = _autograd_function("pairwise_distance", _ops._pd_setup, _ops._pd_backward)
+_GatherFrames = _autograd_function("gather_frames", _ops._gather_setup, _ops._gather_backward)
+_TokenRecoveringAttention = _autograd_function("token_recovering_attention", _ops._tra_setup, _ops._tra_backward)
+_TokenRecoveringInterpolation = _autograd_function("token_recovering_interpolation", _ops._interp_setup,
+                                                   _ops._interp_backward)
+_MergeTokens = _autograd_function("merge_tokens", _ops._merge_setup, _ops._merge_backward)
+
+
+# The ops of hot_kernels/_ops.py, same names and arguments (the backend last: "cpu" or "cuda").
+
+
+def pairwise_distance(x: Tensor, y: Tensor | None, backend: str) -> Tensor:
+    if _needs_graph(x, y):
+        return _PairwiseDistance.apply(x, y, backend)
+    return _run("pairwise_distance", x, y)
+
+
+def knn_density(x: Tensor, k: int, token_mask: Tensor | None, log: bool, backend: str) -> Tensor:
+    return _run("knn_density", x, k, token_mask, log)
+
+
+def dpc_delta(x: Tensor, density: Tensor, token_mask: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_run("dpc_delta", x, density, token_mask))
+
+
+def topf_select(score: Tensor, f: int, sorted: bool, exclude: Tensor | None, backend: str) -> Tensor:
+    return _run("topf_select", score, f, sorted, exclude)
+
+
+def dpc_knn(x: Tensor, f: int, k: int, token_mask: Tensor | None, center: int | None, keep_center: bool,
+            sorted: bool, return_assignment: bool, backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(_run("dpc_knn", x, f, k, token_mask, center, keep_center, sorted, return_assignment))
+
+
+def gather_frames(x: Tensor, index: Tensor, pos_embed: Tensor | None, backend: str) -> Tensor:
+    if _needs_graph(x, pos_embed):
+        return _GatherFrames.apply(x, index, pos_embed, backend)
+    return _run("gather_frames", x, index, pos_embed)
+
+
+def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Tensor | None, wk: Tensor,
+                               bk: Tensor | None, wv: Tensor, bv: Tensor | None, wo: Tensor, bo: Tensor | None,
+                               num_heads: int, scale: float, residual: bool, keep: bool,
+                               backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
+    if _needs_graph(*tensors):
+        return _TokenRecoveringAttention.apply(*tensors, num_heads, scale, residual, keep, backend)
+    return tuple(_run("token_recovering_attention", *tensors, num_heads, scale, residual, keep))
+
+
+def token_recovering_interpolation(x: Tensor, index: Tensor, num_frames: int, backend: str) -> Tensor:
+    if _needs_graph(x):
+        return _TokenRecoveringInterpolation.apply(x, index, num_frames, backend)
+    return _run("token_recovering_interpolation", x, index, num_frames)
+
+
+def merge_tokens(x: Tensor, assignment: Tensor, num_clusters: int, weight: Tensor | None,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    if _needs_graph(x, weight):
+        return _MergeTokens.apply(x, assignment, num_clusters, weight, backend)
+    return tuple(_run("merge_tokens", x, assignment, num_clusters, weight))

@@ -1,0 +1,249 @@
+"""The eager fast path (hot_kernels/_eager.py): in plain eager execution the cpu backend's C++
+kernels run without the torch.library ops around them. It must give bitwise the ops' outputs and
+gradients, keep the op names under the profiler, and step aside (the ops run) wherever something
+needs to see the ops: torch.compile and export (tests/test_registration.py), dispatch and
+torch-function modes, functorch transforms, jit tracing, tensor subclasses."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hot_kernels as hk
+from hot_kernels import _eager, _ext
+
+pytestmark = pytest.mark.skipif(_ext.C is None, reason=f"hot_kernels._C not built: {_ext.ERROR}")
+
+
+def _profiled_names(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events() if e.name.startswith("hot_kernels::")}
+
+
+def _tra_args(dtype, shared=True, S=3, L=7, M=5, C=16):
+    g = torch.Generator().manual_seed(5)
+
+    def t(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).requires_grad_()
+
+    return [t(1 if shared else S, L, C), t(S, M, C), t(C, C, scale=0.3), t(C), t(C, C, scale=0.3), None,
+            t(C, C, scale=0.3), t(C), t(C, C, scale=0.3), t(C)]
+
+
+def _cases(dtype):
+    """(name, fn() -> (outputs, differentiable inputs)) for every op with a cpu kernel."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 23, 12, generator=g, dtype=dtype)
+    clip = torch.randn(2, 23, 3, 12, generator=g, dtype=dtype)
+    pos = torch.randn(1, 7, 12, generator=g, dtype=dtype)
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[1, 17:] = False
+    score = torch.randn(2, 23, generator=g, dtype=dtype)
+    index = torch.tensor([[0, 3, 4, 9, 15, 20, 22], [1, 2, 5, 8, 11, 13, 16]])
+    kept = torch.randn(2, 7, 3, 12, generator=g, dtype=dtype)
+    weight = torch.rand(2, 23, generator=g, dtype=dtype)
+
+    def grad_inputs(*ts):
+        return [t.detach().clone().requires_grad_() for t in ts]
+
+    def pd():
+        a, b = grad_inputs(x, x[:, :9] * 0.5)
+        return [hk.pairwise_distance(a, b), hk.pairwise_distance(a)], [a, b]
+
+    def selections():
+        rho = hk.knn_density(x, 3, mask)
+        log_rho = hk.knn_density(x, 2, log=True)
+        delta, parent = hk.dpc_delta(x, log_rho, mask)
+        return [rho, log_rho, delta, parent, hk.topf_select(score, 5), hk.topf_select(score, 5, False, exclude=2),
+                *hk.dpc_knn(x, 7, 2, mask, center=4, return_assignment=True), hk.dpc_knn(x, 7, 3, sorted=False)], []
+
+    def tpc():
+        a, p = grad_inputs(clip, pos)
+        return list(hk.token_pruning_cluster(a, 7, 2, center=11, pos_embed=p)), [a, p]
+
+    def tra():
+        args = _tra_args(dtype)
+        return [hk.token_recovering_attention(*args, num_heads=4)], [a for a in args if a is not None]
+
+    def tra_unshared_no_residual():
+        args = _tra_args(dtype, shared=False)
+        return [hk.token_recovering_attention(*args, num_heads=2, residual=False)], [a for a in args if a is not None]
+
+    def interp():
+        (a,) = grad_inputs(kept)
+        return [hk.token_recovering_interpolation(a, index, 23)], [a]
+
+    def merge():
+        a, w = grad_inputs(x, weight)
+        idx, assignment = hk.dpc_knn(x, 7, return_assignment=True)
+        return [hk.merge_tokens(a, idx, assignment, w), hk.merge_tokens(a, idx, assignment)], [a, w]
+
+    return dict(pd=pd, selections=selections, tpc=tpc, tra=tra, tra_unshared_no_residual=tra_unshared_no_residual,
+                interp=interp, merge=merge)
+
+
+def _run(case, dtype, eager: bool, monkeypatch):
+    monkeypatch.setattr(_eager, "ENABLED", eager)
+    outputs, inputs = _cases(dtype)[case]()
+    grads = []
+    if inputs:
+        g = torch.Generator().manual_seed(11)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs
+                   if o.is_floating_point() and o.requires_grad)
+        grads = torch.autograd.grad(loss, inputs)
+    return outputs, grads
+
+
+CASES = ("pd", "selections", "tpc", "tra", "tra_unshared_no_residual", "interp", "merge")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_fast_path_equals_the_ops_bitwise(case, dtype, monkeypatch):
+    got, got_grads = _run(case, dtype, True, monkeypatch)
+    want, want_grads = _run(case, dtype, False, monkeypatch)
+    assert len(got) == len(want) and len(got_grads) == len(want_grads)
+    for a, b in zip(got + list(got_grads), want + list(want_grads)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+    if case not in ("selections",):
+        assert got_grads and all(g.abs().sum() > 0 for g in got_grads)
+
+
+def test_fast_path_runs_in_plain_eager_under_the_ops_names(monkeypatch):
+    # The ops' own implementation shows as hot_kernels::compiled_<op> under the profiler; the fast
+    # path labels its direct calls with the public op's name only.
+    outputs, inputs = _cases(torch.float32)["tra"]()
+    names = _profiled_names(lambda: outputs[0].sum().backward())
+    assert names == {"hot_kernels::token_recovering_attention_backward"}
+    x = torch.randn(1, 12, 3, 8, requires_grad=True)
+    names = _profiled_names(lambda: hk.token_pruning_cluster(x, 4)[0].sum().backward())
+    assert names == {"hot_kernels::dpc_knn", "hot_kernels::gather_frames", "hot_kernels::gather_frames_backward"}
+    monkeypatch.setattr(_eager, "ENABLED", False)
+    names = _profiled_names(lambda: hk.token_pruning_cluster(x, 4)[0].sum().backward())
+    assert {"hot_kernels::dpc_knn", "hot_kernels::compiled_dpc_knn", "hot_kernels::compiled_gather_frames"} <= names
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class _FunctionMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+class _Subclass(torch.Tensor):
+    pass
+
+
+def test_fast_path_steps_aside_where_the_ops_must_be_seen():
+    x = torch.randn(2, 9, 4)
+    assert _eager.applies("cpu", x, None, torch.nn.Parameter(x.clone()))
+    for backend in ("reference", "triton"):
+        assert not _eager.applies(backend, x)
+    assert not _eager.applies("cpu", x.as_subclass(_Subclass))
+    with _FunctionMode():
+        assert not _eager.applies("cpu", x)
+    with _Recorder() as recorder:
+        assert not _eager.applies("cpu", x)
+        hk.dpc_knn(x, 3)  # the op path: the dispatch mode sees the op
+    assert "hot_kernels.dpc_knn" in recorder.ops
+    seen = []
+    torch.vmap(lambda row: seen.append(_eager.applies("cpu", row)) or row)(x)
+    assert seen == [False]
+
+    def traced(t):
+        seen.append(_eager.applies("cpu", t))
+        return t * 2
+
+    torch.jit.trace(traced, (x,), check_trace=False)
+    assert seen[-1] is False
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert not _eager.applies("cpu", fake)
+        assert hk.dpc_knn(fake, 3).shape == (2, 3)  # the op's fake implementation
+
+
+def test_fast_path_keeps_autograd_semantics():
+    args = _tra_args(torch.float64)
+    out = hk.token_recovering_attention(*args, num_heads=4)
+    grad_out = torch.randn_like(out).requires_grad_()
+    (gx,) = torch.autograd.grad(out, args[1], grad_out, create_graph=True)
+    # No double backward: a clear error (the op path raises that its backward has no autograd).
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        gx.sum().backward()
+    out = hk.token_recovering_attention(*args, num_heads=4)
+    with torch.no_grad():
+        args[1].mul_(2)  # a saved input modified in place: autograd's version check catches it
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+    # Without grad (or inside inference_mode) the kernels run without a graph, as on the op path.
+    with torch.inference_mode():
+        assert not hk.token_recovering_attention(*args, num_heads=4).requires_grad
+    x = torch.randn(1, 12, 3, 8, requires_grad=True)
+    with torch.no_grad():
+        assert hk.token_pruning_cluster(x, 4)[0].grad_fn is None
+    kept = hk.token_pruning_cluster(x, 4)[0]
+    assert kept.grad_fn is not None and kept.requires_grad
+
+
+_CHECKPOINT = """
+import torch, hot_kernels as hk
+from hot_kernels import _eager
+torch.set_num_threads(2)  # the kernels' parallel regions copy the saved-tensor hooks to each thread
+g = torch.Generator().manual_seed(5)
+def t(*shape):
+    return (torch.randn(*shape, generator=g) * 0.3).requires_grad_()
+C = 32
+tra = [t(1, 27, C), t(3, 9, C), t(C, C), t(C), t(C, C), None, t(C, C), t(C), t(C, C), t(C)]
+clip, pos = t(2, 40, 3, C), t(1, 10, C)
+inputs = [a for a in tra if a is not None] + [clip, pos]
+def block():
+    kept = hk.token_pruning_cluster(clip, 10, pos_embed=pos)[0]
+    d = hk.pairwise_distance(kept.mean(2))
+    return hk.token_recovering_attention(*tra, num_heads=4).square().sum() + kept.square().sum() + d.sum()
+want = torch.autograd.grad(block(), inputs)
+for eager in (True, False):
+    _eager.ENABLED = eager
+    out = torch.utils.checkpoint.checkpoint(block, use_reentrant=False)
+    got = torch.autograd.grad(out, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), eager
+    with torch.autograd.graph.save_on_cpu():
+        got = torch.autograd.grad(block(), inputs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), eager
+print("ok")
+"""
+
+
+def test_under_saved_tensor_hooks_both_paths_give_the_same_gradients():
+    # torch.utils.checkpoint(use_reentrant=False) and save_on_cpu run with Python saved-tensor
+    # hooks in the thread-local state that the kernels' OpenMP workers copy: with the GIL held
+    # across a kernel call this deadlocked (both paths). A subprocess with a time limit, so a
+    # regression fails here instead of hanging the suite.
+    try:
+        out = subprocess.run([sys.executable, "-c", _CHECKPOINT], capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the kernels deadlocked under saved-tensor hooks")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip() == "ok"
+
+
+def test_environment_variable_turns_the_fast_path_off():
+    code = "from hot_kernels import _eager; print(_eager.ENABLED)"
+    for value, want in (("0", "False"), ("1", "True")):
+        env = dict(os.environ, HOT_KERNELS_EAGER=value)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == want
