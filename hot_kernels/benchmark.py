@@ -338,9 +338,10 @@ def _cpu_name() -> str:
 
 
 # Environment variables that change what a run measures (the cpu backend's instruction-set path,
-# ATen's and MKL's kernels, thread counts, the default backend), recorded with it when set.
-RECORDED_ENV = ("HOT_KERNELS_CPU_ISA", "HOT_KERNELS_BACKEND", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS",
-                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET")
+# the eager fast path, ATen's and MKL's kernels, thread counts, the default backend), recorded
+# with it when set.
+RECORDED_ENV = ("HOT_KERNELS_CPU_ISA", "HOT_KERNELS_BACKEND", "HOT_KERNELS_EAGER", "ATEN_CPU_CAPABILITY",
+                "MKL_ENABLE_INSTRUCTIONS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "TRITON_INTERPRET")
 
 
 def environment(device: torch.device | str = "cpu") -> dict:
