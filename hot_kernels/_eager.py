@@ -83,6 +83,8 @@ def _autograd_function(name: str, setup, backward):
 
     @once_differentiable
     def backward_fn(ctx, *grads):
+        if grads[0] is None:  # the differentiable output (always the first) went unused: no gradient
+            return (None,) * len(ctx.needs_input_grad)
         return backward(ctx, *grads, run_backward=run_backward)
 
     return type(f"{name}_eager", (torch.autograd.Function,),
