@@ -85,9 +85,10 @@ namespace tpc {
 constexpr int64_t kFullMaxN = 2048;  // largest N with a full N x N block per sample
 constexpr int64_t kStairTile = 64;   // row tile of the full block (a multiple of 4)
 // Rows per BLAS GEMM of a staircase tile (the AVX2 and generic paths): each GEMM starts at its own
-// first row's column, which halves the part below the diagonal computed for nothing. Measured (fp32, 2 threads, ATen/MKL on AVX2, dpc_knn
-// interleaved by process): 32 rows 2-5 % faster than 64 at N = 243 / 351, C = 512 / 1536, B = 1
-// and 64; 16 rows 5-10 % slower than 64 (MKL's small-m GEMMs).
+// first row's column, which halves the part below the diagonal computed for nothing. Measured
+// (fp32, 2 threads, ATen/MKL on AVX2, dpc_knn interleaved by process): 32 rows 2-5 % faster than
+// 64 at N = 243 / 351, C = 512 / 1536, B = 1 and 64; 16 rows 5-10 % slower than 64 (MKL's
+// small-m GEMMs).
 constexpr int64_t kStairGemmRows = 32;
 constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrinks for huge k)
 // Fewer samples than threads: a sample is split over the threads when its distance block is big
