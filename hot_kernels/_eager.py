@@ -67,6 +67,18 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+_DENSE_KEYS = (torch._C.DispatchKey.CPU, torch._C.DispatchKey.CUDA)
+
+
+def _batched(t) -> bool:
+    """A gradient batched by autograd's own vmap (is_grads_batched): a Tensor by type, but without
+    the dense CPU/CUDA key of a tensor with storage."""
+    if t is None:
+        return False
+    keys = torch._C._dispatch_keys(t)
+    return not any(keys.has(k) for k in _DENSE_KEYS)
+
+
 def _autograd_function(name: str, setup, backward):
     """A torch.autograd.Function running op ``name``'s kernel with the op's own setup_context and
     backward, the backward kernel called directly as well. Its forward takes the op's arguments
@@ -85,6 +97,11 @@ def _autograd_function(name: str, setup, backward):
     def backward_fn(ctx, *grads):
         if grads[0] is None:  # the differentiable output (always the first) went unused: no gradient
             return (None,) * len(ctx.needs_input_grad)
+        if not applies(ctx.backend, *grads) or any(_batched(g) for g in grads):
+            # The backward itself is being transformed (vmapped: autograd.grad(...,
+            # is_grads_batched=True), jacobian(vectorize=True)) or sees a mode or subclass: the
+            # registered backward op, which the dispatcher can batch or trace.
+            return backward(ctx, *grads)
         return backward(ctx, *grads, run_backward=run_backward)
 
     return type(f"{name}_eager", (torch.autograd.Function,),
