@@ -57,13 +57,15 @@ def _labelled(name: str):
     return contextlib.nullcontext()
 
 
-def _run(name: str, first: Tensor, *args):
-    """The C++ entry point ``name`` of hot_kernels._C, as the op's ``compiled_`` body runs it."""
-    with _labelled(name), _ops._no_autocast(first):
-        return getattr(_ext.C, name)(first, *args)
+def _run(name: str, backend: str, first: Tensor, *args):
+    """The C++ entry point ``name`` of hot_kernels._C, run as the op's ``compiled_`` body runs it."""
+    with _labelled(name):
+        return _ops._run_compiled(name, backend, first, *args)
 
 
-def _needs_graph(*tensors) -> bool:
+def needs_graph(*tensors) -> bool:
+    """Whether autograd will record this call: grad mode on and some tensor (None for an absent one)
+    requires grad."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
@@ -83,12 +85,12 @@ def _autograd_function(name: str, setup, backward):
     """A torch.autograd.Function running op ``name``'s kernel with the op's own setup_context and
     backward, the backward kernel called directly as well. Its forward takes the op's arguments
     (backend last), so ``ctx.needs_input_grad`` lines up with the op's inputs."""
-    def run_backward(*args):
-        return _run(f"{name}_backward", *args[:-1])  # the backend, last, is the ops' routing argument
+    def run_backward(*args):  # the ops' backward arguments, the backend last
+        return _run(f"{name}_backward", args[-1], *args[:-1])
 
     def forward(ctx, *inputs):
         ctx.set_materialize_grads(False)  # no zero gradients for the non-differentiable outputs
-        output = _run(name, *inputs[:-1])
+        output = _run(name, inputs[-1], *inputs[:-1])
         output = tuple(output) if isinstance(output, (tuple, list)) else output
         setup(ctx, inputs, output)
         return output
@@ -120,32 +122,32 @@ _MergeTokens = _autograd_function("merge_tokens", _ops._merge_setup, _ops._merge
 
 
 def pairwise_distance(x: Tensor, y: Tensor | None, backend: str) -> Tensor:
-    if _needs_graph(x, y):
+    if needs_graph(x, y):
         return _PairwiseDistance.apply(x, y, backend)
-    return _run("pairwise_distance", x, y)
+    return _run("pairwise_distance", backend, x, y)
 
 
 def knn_density(x: Tensor, k: int, token_mask: Tensor | None, log: bool, backend: str) -> Tensor:
-    return _run("knn_density", x, k, token_mask, log)
+    return _run("knn_density", backend, x, k, token_mask, log)
 
 
 def dpc_delta(x: Tensor, density: Tensor, token_mask: Tensor | None, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_run("dpc_delta", x, density, token_mask))
+    return tuple(_run("dpc_delta", backend, x, density, token_mask))
 
 
 def topf_select(score: Tensor, f: int, sorted: bool, exclude: Tensor | None, backend: str) -> Tensor:
-    return _run("topf_select", score, f, sorted, exclude)
+    return _run("topf_select", backend, score, f, sorted, exclude)
 
 
 def dpc_knn(x: Tensor, f: int, k: int, token_mask: Tensor | None, center: int | None, keep_center: bool,
             sorted: bool, return_assignment: bool, backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(_run("dpc_knn", x, f, k, token_mask, center, keep_center, sorted, return_assignment))
+    return tuple(_run("dpc_knn", backend, x, f, k, token_mask, center, keep_center, sorted, return_assignment))
 
 
 def gather_frames(x: Tensor, index: Tensor, pos_embed: Tensor | None, backend: str) -> Tensor:
-    if _needs_graph(x, pos_embed):
+    if needs_graph(x, pos_embed):
         return _GatherFrames.apply(x, index, pos_embed, backend)
-    return _run("gather_frames", x, index, pos_embed)
+    return _run("gather_frames", backend, x, index, pos_embed)
 
 
 def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Tensor | None, wk: Tensor,
@@ -153,19 +155,19 @@ def token_recovering_attention(query: Tensor, x: Tensor, wq: Tensor, bq: Tensor 
                                num_heads: int, scale: float, residual: bool, keep: bool,
                                backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
-    if _needs_graph(*tensors):
+    if keep:  # functional computed it with needs_graph(*tensors): the backward will run
         return _TokenRecoveringAttention.apply(*tensors, num_heads, scale, residual, keep, backend)
-    return tuple(_run("token_recovering_attention", *tensors, num_heads, scale, residual, keep))
+    return tuple(_run("token_recovering_attention", backend, *tensors, num_heads, scale, residual, keep))
 
 
 def token_recovering_interpolation(x: Tensor, index: Tensor, num_frames: int, backend: str) -> Tensor:
-    if _needs_graph(x):
+    if needs_graph(x):
         return _TokenRecoveringInterpolation.apply(x, index, num_frames, backend)
-    return _run("token_recovering_interpolation", x, index, num_frames)
+    return _run("token_recovering_interpolation", backend, x, index, num_frames)
 
 
 def merge_tokens(x: Tensor, assignment: Tensor, num_clusters: int, weight: Tensor | None,
                  backend: str) -> tuple[Tensor, Tensor]:
-    if _needs_graph(x, weight):
+    if needs_graph(x, weight):
         return _MergeTokens.apply(x, assignment, num_clusters, weight, backend)
-    return tuple(_run("merge_tokens", x, assignment, num_clusters, weight))
+    return tuple(_run("merge_tokens", backend, x, assignment, num_clusters, weight))

@@ -251,8 +251,7 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
     else:
         # keep: the backward will run, so the cpu backend keeps K|V and o for it (as autograd would
         # for nn.Linear + SDPA) instead of recomputing them.
-        keep = torch.is_grad_enabled() and any(
-            isinstance(t, torch.Tensor) and t.requires_grad for t in (query, x, wq, bq, wk, bk, wv, bv, wo, bo))
+        keep = _eager.needs_graph(query, x, wq, bq, wk, bk, wv, bv, wo, bo)
         out = _impl(name, query, x, wq, bq, wk, bk, wv, bv, wo, bo).token_recovering_attention(
             query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep, name)[0]
     V.outputs(op, values=[("out", out)])
