@@ -102,7 +102,7 @@ def cpu_isa() -> str | None:
     """The path the cpu backend's row kernels take now: the best this CPU runs, unless lowered by
     ``HOT_KERNELS_CPU_ISA`` (read when the extension loads) or :func:`use_cpu_isa`. None without
     the compiled extension. Every path computes bitwise the same values except two fp32 kernels:
-    the distance GEMM (a hand-written AVX-512 kernel on "avx512", BLAS on the others) and TRA's
+    the distance GEMM (hand-written kernels on "avx512" and "avx2", BLAS on "generic") and TRA's
     attention core (fused multiply-adds on "avx512" and "avx2", and each path's vector width in
     its row sums); each path agrees with the float64 reference to fp32 rounding."""
     return None if _ext.C is None else _ext.C.cpu_isa()

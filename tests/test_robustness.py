@@ -76,6 +76,12 @@ class Target:
         g = torch.Generator().manual_seed(seed)
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(self.device)
 
+    def ints(self, *shape, seed=0, dtype=torch.float32, hi=3):
+        """Whole numbers in [-hi, hi]: with power-of-two token counts, every distance of them is
+        exact in float32 (see _all_ops), whatever the summation order."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(-hi, hi + 1, shape, generator=g).to(dtype).to(self.device)
+
 
 def _targets():
     return [Target(b, d) for b, d in runnable()]
@@ -819,19 +825,24 @@ def test_duplicated_clips_give_valid_selections(target):
 # ---- determinism -------------------------------------------------------------------------------------------
 
 
-def _all_ops(target, dtype, tra=True):
+def _all_ops(target, dtype, tra=True, exact=False):
     """Every op, forward (and backward where differentiable), on one fixed input; returns tensors.
-    tra: include token_recovering_attention."""
+    tra: include token_recovering_attention. exact: inputs whose distances are exact in float32
+    whatever the order of the sums (whole numbers in [-3, 3], token counts that are powers of two,
+    so centring on the channel mean and every dot product are exact): kernels that sum in different
+    orders (the Gram kernels of the cpu paths) then give bitwise the same distances, and everything
+    after them can be compared bitwise."""
     b = target.backend
-    x = target.t(3, 40, 12, seed=11, dtype=dtype).cumsum(1)
+    N, ny, J = (32, 32, 4) if exact else (40, 9, 5)
+    x = target.ints(3, N, 12, seed=11, dtype=dtype) if exact else target.t(3, N, 12, seed=11, dtype=dtype).cumsum(1)
     x[:, :3] = x[:, 3:4]  # exact ties
-    mask = torch.ones(3, 40, dtype=torch.bool, device=target.device)
-    mask[1, ::3] = False
+    mask = torch.ones(3, N, dtype=torch.bool, device=target.device)
+    mask[1, ::(2 if exact else 3)] = False
     out = []
     xa = x.clone().requires_grad_()
     D = PD(xa, backend=b)
     out += [D, torch.autograd.grad(D.square().sum(), xa)[0]]
-    ya = target.t(3, 9, 12, seed=12, dtype=dtype).requires_grad_()
+    ya = (target.ints if exact else target.t)(3, ny, 12, seed=12, dtype=dtype).requires_grad_()
     D = PD(xa, ya, backend=b)
     out += [D, *torch.autograd.grad((D * D).sum(), (xa, ya))]
     rho = KD(x, 2, mask, log=True, backend=b)
@@ -840,10 +851,11 @@ def _all_ops(target, dtype, tra=True):
     for center in (None, 20):
         out += list(DK(x, 13, 2, mask, center, True, backend=b))
         out += list(cluster_dpc_knn(x, 13, 2, mask, backend=b))
-    clip = target.t(2, 27, 5, 8, seed=13, dtype=dtype).requires_grad_()
+    clip = (target.ints if exact else target.t)(2, 32 if exact else 27, J, 8, seed=13, dtype=dtype)
+    clip.requires_grad_()
     pos = target.t(1, 9, 8, seed=14, dtype=dtype).requires_grad_()
     kept, index = TPC(clip, 9, center=13, pos_embed=pos, backend=b)
-    out += [kept, index, *torch.autograd.grad(kept, (clip, pos), target.t(2, 9, 5, 8, seed=15, dtype=dtype))]
+    out += [kept, index, *torch.autograd.grad(kept, (clip, pos), target.t(2, 9, J, 8, seed=15, dtype=dtype))]
     for shared, bias, residual in ((True, True, True), (False, False, False)) if tra else ():
         a = tra_args(target, S=5, L=11, M=6, C=32, dtype=dtype, shared=shared, bias=bias, requires_grad=True)
         o = TRA(**a, num_heads=4, residual=residual, backend=b)
@@ -902,29 +914,36 @@ def test_cpu_results_do_not_depend_on_the_thread_count(target, isa):
 @pytest.mark.parametrize("target", [t for t in TARGETS if t.backend == "cpu"], ids=str)
 def test_cpu_instruction_set_paths_agree_bitwise(target):
     """The AVX-512, AVX2 and generic paths of the row kernels compute the same values bitwise (fixed
-    reduction orders, no fma contraction). Two kernels differ by design: the fp32 distance GEMM
-    between the AVX-512 path (a hand-written kernel) and the others (BLAS), so fp32 is compared
-    between AVX2 and generic; and the fp32 TRA attention core (csrc/cpu/attention_rows.cpp: FMAs and
-    the vector width's reduction trees), left out of the fp32 comparison (test_backends checks it on
-    every path against the float64 reference). float64 (BLAS and ATen's attention on every path) is
-    compared across all of them, TRA included."""
+    reduction orders, no fma contraction). Two kernels differ by design and are fed inputs on which
+    they agree: the fp32 distance block of N <= 2048 tokens (a hand-written Gram kernel per vector
+    width on the AVX-512 and AVX2 paths, BLAS on the generic one: different summation orders), so
+    fp32 takes inputs whose distances are exact in any order (_all_ops' exact inputs); and the fp32
+    TRA attention core (csrc/cpu/attention_rows.cpp: FMAs and the vector width's reduction trees),
+    left out of the fp32 comparison (test_backends checks it on every path against the float64
+    reference). float64 (BLAS and ATen's attention on every path) is compared on random inputs,
+    TRA included."""
     isas = hk.supported_cpu_isas()
-    assert isas[-1] == "generic" and hk.cpu_isa() in isas
+    before = hk.cpu_isa()  # the best path, or the one HOT_KERNELS_CPU_ISA names
+    assert isas[-1] == "generic" and before in isas
     for dtype in (torch.float32, torch.float64):
-        paths = [i for i in isas if dtype == torch.float64 or i != "avx512"]
+        exact = dtype == torch.float32
         results = {}
-        for isa in paths:
+        for isa in isas:
             with hk.use_cpu_isa(isa):
                 assert hk.cpu_isa() == isa
-                results[isa] = _all_ops(target, dtype, tra=dtype == torch.float64)
-                x = target.t(2, 450, 8, seed=21, dtype=dtype).cumsum(1)  # one sample split across threads
+                results[isa] = _all_ops(target, dtype, tra=not exact, exact=exact)
+                # one sample split across threads (exact: values in {-1, 0, 1}, N a power of two)
+                if exact:
+                    x = target.ints(1, 512, 8, seed=21, dtype=dtype, hi=1)
+                else:
+                    x = target.t(2, 450, 8, seed=21, dtype=dtype).cumsum(1)
                 results[isa] += list(DK(x, 100, 5, return_assignment=True, backend="cpu"))
                 x = target.t(1, 2100, 4, seed=22, dtype=dtype).cumsum(1)  # N > 2048: the panel path
                 results[isa] += [KD(x, 3, log=True, backend="cpu"), *DK(x, 300, 3, return_assignment=True, backend="cpu")]
-        for isa in paths[:-1]:
+        for isa in isas[:-1]:
             for i, (a, b) in enumerate(zip(results[isa], results["generic"])):
                 assert _same(a, b), f"{dtype}: output {i} differs between the {isa} and generic paths"
-    assert hk.cpu_isa() == isas[0], "use_cpu_isa must restore the path"
+    assert hk.cpu_isa() == before, "use_cpu_isa must restore the path"
 
 
 def test_cpu_instruction_set_switch_contract():

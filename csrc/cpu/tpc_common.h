@@ -21,8 +21,9 @@
 //
 // Two layouts, each with one definition of "the value of pair {i, j}":
 //  * full block (N <= kFullMaxN): the N x N matrix of e of one sample in a buffer, upper triangle
-//    computed, mirrored. fp32 on AVX-512 CPUs: a 4 x 4 register-blocked dot-product kernel over the
-//    strict upper triangle only, with the e computation and the mirror in its epilogue. Otherwise a
+//    computed, mirrored. fp32 on the AVX-512 and AVX2 paths: a register-blocked dot-product kernel
+//    (4 x 4 blocks of pairs in ZMM registers, 4 x 3 in YMM) over the strict upper triangle only,
+//    with the e computation and the mirror in its epilogue. Otherwise (float64, the generic path) a
 //    "staircase" of BLAS GEMMs (at::mm): each 32-row slice of row tile t times the columns from the
 //    slice's own start.
 //  * panels (N > kFullMaxN): no N x N buffer. Tokens are cut into tiles; the value of a pair comes
@@ -33,7 +34,7 @@
 //    assignment there comes from one more GEMM of each row tile against the kept tokens (same Gram
 //    form and refinement, not the canonical blocks: equal to them up to rounding).
 //
-// The AVX-512 Gram kernel runs on the AVX-512 path only (cpu_isa::level()); the others use BLAS.
+// Each Gram kernel runs on its own path only (cpu_isa::level()); the generic path uses BLAS.
 #pragma once
 
 #include "../hot_kernels.h"
@@ -62,7 +63,7 @@
 // names: the best this CPU runs, lowered at run time by HOT_KERNELS_CPU_ISA or
 // hot_kernels.use_cpu_isa() (cpu_isa.cpp), so one machine can run - and CI can test - every path
 // its CPU supports. Every reduction below has a fixed order, so all paths compute the same values;
-// only the AVX-512 Gram kernel (further down) differs from the BLAS one it replaces. A kernel body
+// only the fp32 Gram kernels (further down) differ from the BLAS one they replace. A kernel body
 // is an always_inline *_impl function: inlined into a wrapper with a target attribute, it is
 // compiled for that target. Define HOT_KERNELS_NO_CLONES to build only the baseline.
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__) && \
@@ -71,9 +72,9 @@
 #endif
 #define HK_HOT_IMPL __attribute__((always_inline)) inline
 
-// The AVX-512 Gram kernel (fp32, full block), used on the AVX-512 path; BLAS otherwise.
+// The AVX-512 and AVX2 Gram kernels (fp32, full block), each used on its own path; BLAS otherwise.
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(HOT_KERNELS_NO_AVX512)
-#define HK_AVX512_GRAM 1
+#define HK_X86_GRAM 1
 #include <immintrin.h>
 #endif
 
@@ -84,7 +85,7 @@ namespace tpc {
 
 constexpr int64_t kFullMaxN = 2048;  // largest N with a full N x N block per sample
 constexpr int64_t kStairTile = 64;   // row tile of the full block (a multiple of 4)
-// Rows per BLAS GEMM of a staircase tile (the AVX2 and generic paths): each GEMM starts at its own
+// Rows per BLAS GEMM of a staircase tile (float64, the generic path): each GEMM starts at its own
 // first row's column, which halves the part below the diagonal computed for nothing. Measured
 // (fp32, 2 threads, ATen/MKL on AVX2, dpc_knn interleaved by process): 32 rows 2-5 % faster than
 // 64 at N = 243 / 351, C = 512 / 1536, B = 1 and 64; 16 rows 5-10 % slower than 64 (MKL's
@@ -101,7 +102,10 @@ constexpr int64_t kPanelTile = 256;  // canonical tile of the panel path (shrink
 // got slower when split at C = 256 and 512). On an Intel Xeon (Ice Lake server, 2 threads) the
 // AVX-512 path gains from the split as the BLAS paths do (dpc_knn at B = 1, N = 243: 0.43 -> 0.34
 // ms at C = 512, 0.28 -> 0.23 ms at C = 256, 0.21 -> 0.19 ms at C = 128), so there its threshold
-// is the BLAS one: intra_min_work_avx512() picks by CPU vendor.
+// is the BLAS one: intra_min_work_avx512() picks by CPU vendor. The AVX2 Gram kernel takes the BLAS
+// threshold: on an Intel Xeon (model 167, avx2 path forced) splitting made dpc_knn 1.32-1.48x and
+// token_pruning_cluster 1.23-1.30x faster at B = 1 on all four published shapes (not measured on
+// an AMD CPU).
 constexpr int64_t kIntraMinN = 384;
 constexpr int64_t kIntraMinSplitN = 2 * 64;  // two stair tiles
 constexpr int64_t kIntraMinWorkAvx512Amd = int64_t(384) * 384 * 512;
@@ -151,8 +155,16 @@ int level();
 }  // namespace cpu_isa
 
 inline bool use_avx512_gram() {
-#ifdef HK_AVX512_GRAM
+#ifdef HK_X86_GRAM
   return cpu_isa::level() >= cpu_isa::kAvx512;
+#else
+  return false;
+#endif
+}
+
+inline bool use_avx2_gram() {
+#ifdef HK_X86_GRAM
+  return cpu_isa::level() == cpu_isa::kAvx2;
 #else
   return false;
 #endif
@@ -414,7 +426,7 @@ HK_HOT_IMPL void stair_rows_to_e_impl(const T* xc, int64_t ld, const T* sq, int6
 }
 HK_MULTIVERSION(stair_rows_to_e)
 
-#ifdef HK_AVX512_GRAM
+#ifdef HK_X86_GRAM
 namespace avx512 {
 
 // (The zero-masking forms with a full mask are the plain instructions; unlike the plain intrinsics
@@ -536,6 +548,96 @@ __attribute__((target("avx512f"))) inline void upper_e_rows(const float* xc, int
 }
 
 }  // namespace avx512
+
+// The AVX2 Gram kernel: the same triangle walk with 4 x 3 blocks of pairs, sized for the 16 YMM
+// registers (12 accumulators, 3 column rows, 1 row operand). Block (i0, j): the 12 dot products
+// x_{i0+r} . x_{j+s} (r < 4, s < 3), each accumulated over the channels in 8 lanes and reduced by a
+// fixed tree (pairs, quads, then the two 128-bit halves: the same association for every pair).
+namespace avx2 {
+
+// Lane r of the result = the sum of the 8 lanes of v[r].
+__attribute__((target("avx2,fma"))) inline __m128 hsum4(__m256 v0, __m256 v1, __m256 v2, __m256 v3) {
+  const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(v0, v1), _mm256_hadd_ps(v2, v3));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+// The epilogue of one 4 x 3 block (out of line, like the AVX-512 one): g[s] (lane r = x_{i0+r} .
+// x_{j+s}) -> e, the exact recomputation of badly cancelling pairs, and the stores of D(i, j) and
+// D(j, i) for the pairs with i < j < jend.
+__attribute__((target("avx2,fma"), noinline)) inline void block_epilogue(const __m128* g, const float* xc, int64_t ld,
+                                                                        int64_t C, const float* sq, int64_t N,
+                                                                        float* D, int64_t i0, int64_t j,
+                                                                        int64_t jend) {
+  const __m128 sqi = _mm_loadu_ps(sq + i0);
+  const __m128 div = _mm_set1_ps(static_cast<float>(kRefineDiv));
+  alignas(16) float te[3][4];
+  for (int s = 0; s < 3; ++s) {
+    const __m128 sv = _mm_add_ps(sqi, _mm_set1_ps(sq[j + s]));
+    const __m128 d2 = _mm_sub_ps(sv, _mm_add_ps(g[s], g[s]));
+    _mm_store_ps(te[s], _mm_max_ps(d2, _mm_setzero_ps()));  // NaN -> 0 (the second operand)
+    const int refine = _mm_movemask_ps(_mm_cmplt_ps(_mm_mul_ps(d2, div), sv));
+    if (!refine) continue;
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + r, jx = j + s;
+      if (!((refine >> r) & 1) || jx <= i || jx >= jend) continue;
+      const float v = sq_dist(xc + i * ld, xc + jx * ld, C);
+      te[s][r] = v > 0.f ? v : 0.f;
+    }
+  }
+  if (i0 + 3 < j && j + 2 < jend) {
+    for (int s = 0; s < 3; ++s) {
+      _mm_storeu_ps(D + (j + s) * N + i0, _mm_load_ps(te[s]));
+      for (int r = 0; r < 4; ++r) D[(i0 + r) * N + j + s] = te[s][r];
+    }
+    return;
+  }
+  for (int s = 0; s < 3; ++s)
+    for (int r = 0; r < 4; ++r) {
+      const int64_t i = i0 + r, jx = j + s;
+      if (jx <= i || jx >= jend) continue;
+      D[i * N + jx] = te[s][r];
+      D[jx * N + i] = te[s][r];
+    }
+}
+
+// As avx512::upper_e_rows (same layout contract for xc and sq; ck = C rounded up to 16), with 4 x 3
+// blocks: a row group i0 takes the columns from i0 + 1 in steps of 3, each chunk of kGramColBlock
+// columns ending its last block at the chunk's end (lanes past it are not stored).
+__attribute__((target("avx2,fma"))) inline void upper_e_rows(const float* xc, int64_t ld, int64_t ck, int64_t C,
+                                                          const float* sq, int64_t N, float* D, int64_t r0,
+                                                          int64_t r1, const char* pf, int64_t pf_bytes) {
+  for (int64_t i = r0; i < r1; ++i) D[i * N + i] = 0.f;
+  const int64_t n_blocks = std::max<int64_t>(1, ((r1 - r0) / 4 + 1) * ((N - r0) / 3 + 1) / 2);
+  const int64_t pf_step = pf ? (pf_bytes / 64) / n_blocks + 1 : 0;
+  int64_t pf_at = 0;
+  for (int64_t jb0 = r0; jb0 < N; jb0 += kGramColBlock) {
+    const int64_t jb1 = std::min(N, jb0 + kGramColBlock);
+    for (int64_t i0 = r0; i0 < r1 && i0 + 1 < jb1; i0 += 4) {
+      const float* A = xc + i0 * ld;
+      for (int64_t j = std::max(jb0, i0 + 1); j < jb1; j += 3) {
+        for (int64_t q = 0; q < pf_step && pf_at < pf_bytes; ++q, pf_at += 64) _mm_prefetch(pf + pf_at, _MM_HINT_T1);
+        const float* Bp = xc + j * ld;
+        __m256 acc[12];
+        for (int m = 0; m < 12; ++m) acc[m] = _mm256_setzero_ps();
+        for (int64_t k = 0; k < ck; k += 8) {
+          const __m256 b0 = _mm256_load_ps(Bp + k), b1 = _mm256_load_ps(Bp + ld + k);
+          const __m256 b2 = _mm256_load_ps(Bp + 2 * ld + k);
+          for (int r = 0; r < 4; ++r) {
+            const __m256 a = _mm256_load_ps(A + r * ld + k);
+            acc[3 * r + 0] = _mm256_fmadd_ps(a, b0, acc[3 * r + 0]);
+            acc[3 * r + 1] = _mm256_fmadd_ps(a, b1, acc[3 * r + 1]);
+            acc[3 * r + 2] = _mm256_fmadd_ps(a, b2, acc[3 * r + 2]);
+          }
+        }
+        const __m128 g[3] = {hsum4(acc[0], acc[3], acc[6], acc[9]), hsum4(acc[1], acc[4], acc[7], acc[10]),
+                             hsum4(acc[2], acc[5], acc[8], acc[11])};
+        block_epilogue(g, xc, ld, C, sq, N, D, i0, j, jb1);
+      }
+    }
+  }
+}
+
+}  // namespace avx2
 #endif
 
 // Row tiles [t0, t1) (kStairTile rows each) of the full N x N e block of one sample. Different
@@ -545,11 +647,16 @@ __attribute__((target("avx512f"))) inline void upper_e_rows(const float* xc, int
 template <typename T>
 inline void full_block_tiles(const T* xc, int64_t ld, const T* sq, int64_t N, int64_t C, T* D, int64_t t0,
                              int64_t t1, const void* prefetch = nullptr, int64_t prefetch_bytes = 0) {
-#ifdef HK_AVX512_GRAM
+#ifdef HK_X86_GRAM
   if constexpr (std::is_same_v<T, float>) {
     if (use_avx512_gram()) {
       avx512::upper_e_rows(xc, ld, (C + 15) / 16 * 16, C, sq, N, D, t0 * kStairTile, std::min(N, t1 * kStairTile),
                            static_cast<const char*>(prefetch), prefetch ? prefetch_bytes : 0);
+      return;
+    }
+    if (use_avx2_gram()) {
+      avx2::upper_e_rows(xc, ld, (C + 15) / 16 * 16, C, sq, N, D, t0 * kStairTile, std::min(N, t1 * kStairTile),
+                         static_cast<const char*>(prefetch), prefetch ? prefetch_bytes : 0);
       return;
     }
   }
@@ -1495,8 +1602,8 @@ inline void run(const Job<T>& job) {
     run_panels(job, nt);
     return;
   }
-  const bool gram_kernel = std::is_same_v<T, float> && use_avx512_gram();  // else the block is BLAS
-  const int64_t min_work = gram_kernel ? intra_min_work_avx512() : kIntraMinWorkBlas;
+  const bool avx512_kernel = std::is_same_v<T, float> && use_avx512_gram();
+  const int64_t min_work = avx512_kernel ? intra_min_work_avx512() : kIntraMinWorkBlas;
   const bool split = job.N >= kIntraMinN || (job.N >= kIntraMinSplitN && job.N * job.N * job.C >= min_work);
   if (job.B < nt && split) {
     SampleWork<T> w;
@@ -1511,8 +1618,8 @@ inline void run(const Job<T>& job) {
   // Round-robin (the samples cost the same), so that each thread knows its next sample. The team
   // is all nt threads even when B < nt (the extra ones find no sample): every BLAS call of the row
   // tiles then runs inside an active parallel region, where BLAS is single-threaded. A team of 1
-  // would let a multi-threaded BLAS open a nested team per GEMM (the distance block is BLAS on
-  // the AVX2 and generic paths), next to the pool threads other torch ops leave spinning.
+  // would let a multi-threaded BLAS open a nested team per GEMM (the distance block is BLAS for
+  // float64 and on the generic path), next to the pool threads other torch ops leave spinning.
 #pragma omp parallel for schedule(static, 1) num_threads(nt)
   for (int64_t b = 0; b < job.B; ++b) full_sample(job, b, ws[thread_id()], b + used < job.B ? b + used : -1);
 }
