@@ -348,13 +348,19 @@ def _(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep
             x.new_empty(kv_shape, dtype=kept_dtype), x.new_empty(o_shape, dtype=kept_dtype))
 
 
+# TRA's ten gradients, a tuple of Tensors rather than a Tensor[] (list): the for-loop vmap
+# fallbacks that batch an op without a batching rule (autograd's is_grads_batched and jacobian(
+# vectorize=True), torch.func.vmap) handle only ops that return Tensors.
+TraGrads = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
 @_compiled_op("token_recovering_attention_backward")
 def _c_token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tensor, wq: Tensor,
                                            bq: Optional[Tensor], wk: Tensor, bk: Optional[Tensor], wv: Tensor,
                                            bv: Optional[Tensor], wo: Tensor, bo: Optional[Tensor], lse: Tensor,
                                            kv: Tensor, o: Tensor, num_heads: int, scale: float, residual: bool,
-                                           backend: str) -> list[Tensor]:
-    return list(_run_compiled("token_recovering_attention_backward", backend, grad_out, query, x, wq, bq, wk, bk,
+                                           backend: str) -> TraGrads:
+    return tuple(_run_compiled("token_recovering_attention_backward", backend, grad_out, query, x, wq, bq, wk, bk,
                               wv, bv, wo, bo, lse, kv, o, num_heads, scale, residual))
 
 
@@ -363,11 +369,11 @@ def token_recovering_attention_backward(grad_out: Tensor, query: Tensor, x: Tens
                                         wk: Tensor, bk: Optional[Tensor], wv: Tensor, bv: Optional[Tensor],
                                         wo: Tensor, bo: Optional[Tensor], lse: Tensor, kv: Tensor, o: Tensor,
                                         num_heads: int, scale: float, residual: bool,
-                                        backend: str) -> list[Tensor]:
-    """-> [d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo]; a missing bias's is empty.
+                                        backend: str) -> TraGrads:
+    """-> (d_query, d_x, d_wq, d_bq, d_wk, d_bk, d_wv, d_bv, d_wo, d_bo); a missing bias's is empty.
     kv, o: what the forward kept (empty: recomputed; only the cpu backend keeps them)."""
     if backend == "triton":
-        return list(_run_triton("token_recovering_attention_backward", grad_out, query, x, wq, bq, wk, bk, wv, bv,
+        return tuple(_run_triton("token_recovering_attention_backward", grad_out, query, x, wq, bq, wk, bk, wv, bv,
                                 wo, bo, lse, num_heads, scale, residual))
     return _c_token_recovering_attention_backward(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o,
                                                   num_heads, scale, residual, backend)
@@ -378,9 +384,9 @@ def _(grad_out, query, x, wq, bq, wk, bk, wv, bv, wo, bo, lse, kv, o, num_heads,
     def bias_grad(b):
         return x.new_empty((0,)) if b is None else torch.empty_like(b)
 
-    return [torch.empty_like(query), torch.empty_like(x), torch.empty_like(wq), bias_grad(bq),
+    return (torch.empty_like(query), torch.empty_like(x), torch.empty_like(wq), bias_grad(bq),
             torch.empty_like(wk), bias_grad(bk), torch.empty_like(wv), bias_grad(bv),
-            torch.empty_like(wo), bias_grad(bo)]
+            torch.empty_like(wo), bias_grad(bo))
 
 
 def _tra_setup(ctx, inputs, output):
