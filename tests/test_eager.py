@@ -277,3 +277,81 @@ def test_environment_variable_turns_the_fast_path_off():
         env = dict(os.environ, HOT_KERNELS_EAGER=value)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == want
+
+
+
+def _forwards():
+    """{op: (fn(t) -> output(s), t)}: one forward per op as a function of one input tensor."""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(2, 23, 12, generator=g, dtype=torch.float64)
+    clip = torch.randn(2, 23, 3, 12, generator=g, dtype=torch.float64)
+    kept = torch.randn(2, 7, 12, generator=g, dtype=torch.float64)
+    index = torch.tensor([[0, 3, 4, 9, 15, 20, 22], [1, 2, 5, 8, 11, 13, 16]])
+    kept_index, assignment = hk.dpc_knn(x, 7, return_assignment=True)  # a valid clustering of x's tokens
+    tra = [a.detach() if a is not None else None for a in _tra_args(torch.float64)]
+    return {
+        "pairwise_distance": (lambda t: hk.pairwise_distance(t), x),
+        "knn_density": (lambda t: hk.knn_density(t, 3, log=True), x),
+        "dpc_delta": (lambda t: hk.dpc_delta(t, hk.knn_density(t, 2)), x),
+        "topf_select": (lambda t: hk.topf_select(t[..., 0], 5), x),
+        "dpc_knn": (lambda t: hk.dpc_knn(t, 7, 2, center=4, return_assignment=True), x),
+        "token_pruning_cluster": (lambda t: hk.token_pruning_cluster(t, 7, 2), clip),
+        "token_recovering_attention": (lambda t: hk.token_recovering_attention(tra[0], t, *tra[2:], num_heads=4),
+                                       tra[1]),
+        "token_recovering_interpolation": (lambda t: hk.token_recovering_interpolation(t, index, 23), kept),
+        "merge_tokens": (lambda t: hk.merge_tokens(t, kept_index, assignment), x),
+    }
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["fast-path", "ops"])
+@pytest.mark.parametrize("op", list(_forwards()))
+def test_torch_func_vmap_over_every_forward(op, eager, monkeypatch):
+    # torch.func.vmap over a batch of inputs equals the op on each input (ops without a batching
+    # rule run once per entry; the fast path steps aside for the transform).
+    monkeypatch.setattr(_eager, "ENABLED", eager)
+    fn, t = _forwards()[op]
+    ts = torch.stack([t, t.flip(1), t * 0.5])
+    got = torch.func.vmap(fn)(ts)
+    got = got if isinstance(got, tuple) else (got,)
+    each = [fn(ts[i]) for i in range(3)]
+    each = [e if isinstance(e, tuple) else (e,) for e in each]
+    assert len(got) == len(each[0])
+    for j, out in enumerate(got):
+        assert out.shape[0] == 3
+        for i in range(3):
+            torch.testing.assert_close(out[i], each[i][j], rtol=1e-12, atol=1e-12)
+
+
+DIFFERENTIABLE = ["pairwise_distance", "token_pruning_cluster", "token_recovering_attention",
+                  "token_recovering_interpolation", "merge_tokens"]
+
+
+@pytest.mark.parametrize("op", DIFFERENTIABLE)
+def test_vectorized_jacobian_equals_the_plain_one(op):
+    # jacobian(vectorize=True) batches the backward with autograd's own vmap: TRA's backward op
+    # returns a tuple of Tensors (not a list) so that the for-loop fallback can batch it.
+    fn, t = _forwards()[op]
+
+    def first(u):
+        out = fn(u)
+        return out[0] if isinstance(out, tuple) else out
+
+    plain = torch.autograd.functional.jacobian(first, t)
+    vectorized = torch.autograd.functional.jacobian(first, t, vectorize=True)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(vectorized, plain, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_func_grad_fails_only_by_torchs_open_bug():
+    # Documented in the README (Gradients): torch.func.grad over a custom op with register_autograd
+    # fails in torch itself (pytorch/pytorch#179652). Either that error, or (a torch with the fix)
+    # the right gradient; then the README's note can go.
+    fn, t = _forwards()["pairwise_distance"]
+    try:
+        got = torch.func.grad(lambda u: fn(u).square().sum())(t)
+    except RuntimeError as e:
+        assert "setup_context" in str(e)
+        return
+    leaf = t.clone().requires_grad_()
+    (want,) = torch.autograd.grad(fn(leaf).square().sum(), leaf)
+    torch.testing.assert_close(got, want)
