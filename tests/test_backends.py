@@ -287,6 +287,27 @@ def test_dpc_knn(backend, dtype, case):
             check_assignment(x, got, asg)
 
 
+@pytest.mark.parametrize("backend", [t for t in BACKENDS if t.backend == "cpu"], ids=str)
+@pytest.mark.parametrize("B,N,C,mask_kind", [(1, 300, 3, "none"), (2, 517, 40, "random"), (1, 262, 1536, "none")])
+def test_full_distance_block_past_one_column_chunk(backend, B, N, C, mask_kind):
+    # The cpu paths' float32 Gram kernels walk the upper triangle in 256-column chunks with 4 x 4
+    # (AVX-512) or 4 x 3 (AVX2) blocks of pairs; these N end mid-block and mid-chunk, and C = 1536
+    # is the longest published reduction. Distances within the Gram-form error model, symmetric with
+    # a zero diagonal; the selection and assignment equal to the reference's up to near-ties.
+    backend.require("dpc_knn", torch.float32)
+    x = clip(B, N, C, 7, torch.float32, dup=True)
+    D = backend.run(hk.pairwise_distance, x)
+    close_distance(D, x)
+    assert torch.equal(D, D.transpose(1, 2)), "D must be bit-symmetric"
+    assert (D.diagonal(dim1=1, dim2=2) == 0).all(), "D[i, i] must be exactly 0"
+    f, mask = N // 3, _mask(B, N, 7, mask_kind)
+    got, asg = backend.run(hk.dpc_knn, x, f, 2, mask, None, True)
+    want, _ = R.dpc_knn(x, f, 2, mask, None, True)
+    assert_same_or_near_tie(got, want, x, f, 2, token_mask=mask)
+    check_selection(x, got, f, 2, token_mask=mask)
+    check_assignment(x, got, asg)
+
+
 @pytest.mark.parametrize("backend", BACKENDS, ids=str)
 def test_dpc_knn_float64_matches_the_reference_exactly(backend):
     backend.require("dpc_knn", torch.float64)
