@@ -40,7 +40,8 @@ CUDA_PREFERENCE = {
 # every default shape, forward and forward+backward, AMD EPYC Zen 4 and Zen 5, the avx2 path forced
 # too: benchmarks/results/cpu-amd-epyc-zen5-2026-12-02/; Intel Xeon Ice Lake, AVX-512 and the avx2
 # path with ATen and MKL on AVX2 as well: benchmarks/results/cpu-intel-xeon-icelake-2026-12-02-rows/;
-# an Intel Xeon with AMX, both paths, after the eager fast path: .../cpu-intel-xeon-amx-2026-12-03-eager/).
+# an Intel Xeon with AMX, both paths, after the eager fast path: .../cpu-intel-xeon-amx-2026-12-03-eager/,
+# and with the AVX2 Gram kernel, B = 8 too: .../cpu-intel-xeon-amx-2026-12-03-avx2-gram/).
 # The cpu backend is faster than the reference (the only other backend that runs on a CPU without
 # the Triton interpreter) in every case there: dpc_knn 2.1-10x, token_pruning_cluster 2.4-6x, TRA
 # 1.3-2.0x (the sub-ops of dpc_knn and token_pruning_cluster are timed through them, not one by
