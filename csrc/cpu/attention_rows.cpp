@@ -40,7 +40,7 @@ namespace hot_kernels {
 namespace attn {
 namespace {
 
-constexpr int64_t kPad = 16;  // keys and head channels are padded to a multiple of this (whole vectors on every path)
+constexpr int64_t kPad = 16;  // head channels are padded to a multiple of this (whole vectors on every path)
 constexpr int kR = 4;          // query rows per register block
 constexpr int64_t kTaskRows = 64;   // query rows per forward task when (sequence, head) pairs are few
 constexpr int64_t kMaxKeysTimesWidth = int64_t(1) << 18;  // per-task scratch bound (supported())
@@ -61,8 +61,10 @@ struct Geometry {
   const float* v_row(int64_t s, int64_t h, int64_t j) const { return k_row(s, h, j) + C; }
 };
 
+// key_pad: the path's key padding (whole vectors of its width: every padding key costs a logit and
+// an exponential per query row).
 Geometry geometry(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& kv, int64_t L, int64_t M, int64_t H,
-                  double scale) {
+                  double scale, int64_t key_pad) {
   Geometry g{};
   g.q = q.data_ptr<float>();
   g.q_seq_stride = q_seq_stride;
@@ -72,7 +74,7 @@ Geometry geometry(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& k
   g.C = kv.size(1) / 2;
   g.H = H;
   g.d = g.C / H;
-  g.mp = round_up(M, kPad);
+  g.mp = round_up(M, key_pad);
   g.dp = round_up(g.d, kPad);
   g.scale = static_cast<float>(scale);
   return g;
@@ -112,18 +114,19 @@ using BackwardTask = void (*)(const Geometry&, const float*, const float*, const
 struct Tasks {
   ForwardTask forward;
   BackwardTask backward;
+  int64_t key_pad;
 };
 
 // The row kernels of the instruction-set path this call takes.
 Tasks tasks() {
 #if defined(HK_ISA_CLONES)
   switch (tpc::cpu_isa::level()) {
-    case tpc::cpu_isa::kAvx512: return {v4::forward_task, v4::backward_task};
-    case tpc::cpu_isa::kAvx2: return {v3::forward_task, v3::backward_task};
+    case tpc::cpu_isa::kAvx512: return {v4::forward_task, v4::backward_task, v4::kKeyPad};
+    case tpc::cpu_isa::kAvx2: return {v3::forward_task, v3::backward_task, v3::kKeyPad};
     default: break;
   }
 #endif
-  return {generic::forward_task, generic::backward_task};
+  return {generic::forward_task, generic::backward_task, generic::kKeyPad};
 }
 
 void check_f32(const char* name, const at::Tensor& t) {
@@ -141,14 +144,15 @@ void forward(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& kv, in
              int64_t H, double scale, at::Tensor& o, at::Tensor& lse) {
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"q", &q}, {"kv", &kv}, {"o", &o}, {"lse", &lse}})
     check_f32(name, *t);
-  const Geometry g = geometry(q, q_seq_stride, kv, L, M, H, scale);
+  const Tasks path = tasks();
+  const Geometry g = geometry(q, q_seq_stride, kv, L, M, H, scale, path.key_pad);
   TORCH_CHECK(supported(M, g.d) && o.numel() == n * L * g.C && lse.numel() == n * H * L,
               "attention rows: unsupported or inconsistent shapes");
   // One task per (sequence, head) (its keys packed once), or row blocks of it when the pairs are too
   // few to keep the threads busy.
   const int64_t rows_per_task = n * H >= 4 * at::get_num_threads() ? L : kTaskRows;
   const int64_t row_tasks = (L + rows_per_task - 1) / rows_per_task;
-  const ForwardTask task = tasks().forward;
+  const ForwardTask task = path.forward;
   float* o_p = o.data_ptr<float>();
   float* lse_p = lse.data_ptr<float>();
   // Every task writes its own rows: the result does not depend on how tasks meet threads.
@@ -167,11 +171,12 @@ void backward(const at::Tensor& dO, const at::Tensor& q, int64_t q_seq_stride, c
   for (auto [name, t] : {std::pair<const char*, const at::Tensor*>{"dO", &dO}, {"q", &q}, {"kv", &kv}, {"o", &o},
                          {"lse", &lse}, {"dq", &dq}, {"dkv", &dkv}})
     check_f32(name, *t);
-  const Geometry g = geometry(q, q_seq_stride, kv, L, M, H, scale);
+  const Tasks path = tasks();
+  const Geometry g = geometry(q, q_seq_stride, kv, L, M, H, scale, path.key_pad);
   TORCH_CHECK(supported(M, g.d) && dO.numel() == n * L * g.C && o.numel() == n * L * g.C &&
                   lse.numel() == n * H * L && dq.numel() == n * L * g.C && dkv.numel() == n * M * 2 * g.C,
               "attention rows: unsupported or inconsistent shapes");
-  const BackwardTask task = tasks().backward;
+  const BackwardTask task = path.backward;
   const float *dO_p = dO.data_ptr<float>(), *o_p = o.data_ptr<float>(), *lse_p = lse.data_ptr<float>();
   float *dq_p = dq.data_ptr<float>(), *dkv_p = dkv.data_ptr<float>();
   at::parallel_for(0, n * H, 1, [&](int64_t b, int64_t e) {

@@ -5,7 +5,7 @@
 //
 // Vectors: 16 lanes in zmm (AVX-512), 8 in ymm (AVX2), 4 in xmm (baseline SSE2). Register blocks:
 // kR query rows at a time; the logits hold up to kMaxV vectors of keys per row in registers (AVX-512:
-// 4 rows x 6 vectors = the 96 padded keys of HoT's M = 81 in one pass; the 16-register ISAs: 4 x 2),
+// 4 rows x 6 vectors = the 96 padded keys of HoT's M = 81 in one pass; AVX2: 4 x 3; the baseline: 4 x 2),
 // the weighted sums up to kSumV vectors of channels.
 constexpr int kW = kIsa == 2 ? 16 : kIsa == 1 ? 8 : 4;
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
@@ -13,6 +13,11 @@ typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
 constexpr int kMaxV = kIsa == 2 ? 6 : kIsa == 1 ? 3 : 2;
 constexpr int kSumV = kIsa == 2 ? 4 : 2;
 static_assert(kPad % kW == 0, "padding must be whole vectors");
+// Keys are padded to whole vectors of this path (at least 8): HoT's M = 81 takes 96 keys on the
+// AVX-512 path and 88 on the others. The padding keys' logits are -inf, their probabilities exactly
+// 0, and every sum over keys runs over the real keys or adds those zeros, so the padding does not
+// change any result.
+constexpr int64_t kKeyPad = kW < 8 ? 8 : kW;
 
 HK_HOT_IMPL vf vload(const float* p) {
   vf v;
