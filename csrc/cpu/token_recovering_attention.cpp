@@ -401,9 +401,12 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
       dkv = at::zeros({n * M, 2 * C}, copt);
       if (!D.shared) dq_c = at::zeros({n * L, C}, copt);
     }
-    // Output projection.
+    // Output projection. The chunk's grad_out summed over its sequences, (L, C), serves both d_bo
+    // (then summed over the rows) and a shared residual query's gradient: one pass over g.
     gemm_fixed(d_wo, g.t(), o, {}, true);
-    if (has(bo)) d_bo.add_(g.sum(0));
+    const bool want_g_seq_sum = has(bo) || (D.shared && residual);
+    const at::Tensor g_seq_sum = want_g_seq_sum ? g.view({n, L, C}).sum(0) : at::Tensor();
+    if (has(bo)) d_bo.add_(g_seq_sum.sum(0));
     // K|V projections.
     auto dx_c = dx.narrow(0, s0, n).view({n * M, C});
     if (same_dtype)
@@ -414,7 +417,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     if (has(bk) || has(bv)) d_bkv.add_(dkv.sum(0));
     // Query.
     if (D.shared) {
-      if (residual) g_sum.add_(g.view({n, L, C}).sum(0));
+      if (residual) g_sum.add_(g_seq_sum);
     } else {
       auto dqin = mm_fixed(dq_c, p.wq);
       if (residual) dqin.add_(g);
