@@ -240,6 +240,29 @@ def _(x, f, k, token_mask, center, keep_center, sorted, return_assignment, backe
             x.new_empty((B, N if return_assignment else 0), dtype=torch.long))
 
 
+def _fold_vmap_into_batch(op):
+    """Register op's vmap rule for torch.func.vmap: the selection ops treat the samples of their
+    batch dim B independently, and every tensor argument and output leads with B, so the vmapped
+    dim is folded into B (V x B samples) and the op runs once. (torch's generic fallback would run it
+    once per vmapped entry and warn about a missing batching rule.)"""
+    def rule(info, in_dims, *args):
+        V = info.batch_size
+        # every tensor argument as (V, B, ...): the vmapped dim first, an unbatched one expanded
+        lead = [(a.expand(V, *a.shape) if d is None else a.movedim(d, 0)) if isinstance(a, Tensor) else a
+                for a, d in zip(args, in_dims)]
+        B = next(a.shape[1] for a in lead if isinstance(a, Tensor))
+        out = op(*(a.reshape(V * B, *a.shape[2:]) if isinstance(a, Tensor) else a for a in lead))
+        if isinstance(out, tuple):
+            return tuple(t.reshape(V, B, *t.shape[1:]) for t in out), (0,) * len(out)
+        return out.reshape(V, B, *out.shape[1:]), 0
+
+    op.register_vmap(rule)
+
+
+for _selection_op in (knn_density, dpc_delta, topf_select, dpc_knn):
+    _fold_vmap_into_batch(_selection_op)
+
+
 # ---- token_pruning_cluster's gather (differentiable in x and pos_embed) -----------------------------
 
 

@@ -322,6 +322,30 @@ def test_torch_func_vmap_over_every_forward(op, eager, monkeypatch):
             torch.testing.assert_close(out[i], each[i][j], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("op", ["knn_density", "dpc_delta", "topf_select", "dpc_knn"])
+def test_torch_func_vmap_folds_into_one_kernel_call(op):
+    # The selection ops' vmap rule (hot_kernels/_ops.py) folds the vmapped dim into the batch dim:
+    # one kernel call for the whole vmapped batch (torch's fallback would make one per entry), also
+    # with the vmapped dim not first and an unbatched mask next to it.
+    fn, t = _forwards()[op]
+    ts = torch.stack([t, t.flip(1), t * 0.5], dim=1)  # vmapped dim 1
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        got = torch.func.vmap(fn, in_dims=1)(ts)
+    calls = [e.name for e in prof.events() if e.name.startswith("hot_kernels::compiled_")]
+    assert len(calls) == (2 if op == "dpc_delta" else 1), calls  # dpc_delta's case also runs knn_density
+    got = got if isinstance(got, tuple) else (got,)
+    for i in range(3):
+        want = fn(ts[:, i])
+        want = want if isinstance(want, tuple) else (want,)
+        for a, b in zip(got, want):
+            assert torch.equal(a[i], b)
+    mask = torch.rand(t.shape[:2], generator=torch.Generator().manual_seed(4)) > 0.3
+    got = torch.func.vmap(lambda u: hk.dpc_knn(u, 7, 2, mask, return_assignment=True), in_dims=1)(ts)
+    for i in range(3):
+        for a, b in zip(got, hk.dpc_knn(ts[:, i], 7, 2, mask, return_assignment=True)):
+            assert torch.equal(a[i], b)
+
+
 DIFFERENTIABLE = ["pairwise_distance", "token_pruning_cluster", "token_recovering_attention",
                   "token_recovering_interpolation", "merge_tokens"]
 
