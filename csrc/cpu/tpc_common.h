@@ -427,6 +427,23 @@ HK_HOT_IMPL void stair_rows_to_e_impl(const T* xc, int64_t ld, const T* sq, int6
 HK_MULTIVERSION(stair_rows_to_e)
 
 #ifdef HK_X86_GRAM
+// The Gram kernels' prefetch of the caller's next input: bytes from pf pulled into L2 in even steps,
+// one step per block of pairs, over the about (rows / 4) x (cols / block_cols) / 2 blocks of the
+// triangle (rows x cols: the tile's rows times the columns from its first row). The kernels are
+// compute-bound; the next first pass over an input is memory-bound.
+struct PrefetchPacer {
+  const char* pf;
+  int64_t bytes, step, at = 0;
+  PrefetchPacer(const char* p, int64_t n, int64_t rows, int64_t cols, int64_t block_cols)
+      : pf(p), bytes(p ? n : 0) {
+    const int64_t blocks = std::max<int64_t>(1, (rows / 4 + 1) * (cols / block_cols + 1) / 2);
+    step = p ? (n / 64) / blocks + 1 : 0;
+  }
+  void next() {
+    for (int64_t q = 0; q < step && at < bytes; ++q, at += 64) _mm_prefetch(pf + at, _MM_HINT_T1);
+  }
+};
+
 namespace avx512 {
 
 // (The zero-masking forms with a full mask are the plain instructions; unlike the plain intrinsics
@@ -512,21 +529,18 @@ __attribute__((target("avx512f"), noinline)) inline void block_epilogue(__m512 g
 // channels in 16 lanes, reduced by a fixed shuffle tree (the same association for every pair);
 // lane 4 s + r holds pair (i0 + r, j + s). Columns are taken in chunks of kGramColBlock tokens so
 // that the chunk's rows and the tile's rows stay in L2. pf / pf_bytes: memory prefetched into L2
-// along the way (the caller's next input; this kernel is compute-bound, the next first pass over
-// an input is memory-bound).
+// along the way (PrefetchPacer).
 __attribute__((target("avx512f"))) inline void upper_e_rows(const float* xc, int64_t ld, int64_t ck, int64_t C,
                                                             const float* sq, int64_t N, float* D, int64_t r0,
                                                             int64_t r1, const char* pf, int64_t pf_bytes) {
   for (int64_t i = r0; i < r1; ++i) D[i * N + i] = 0.f;
-  const int64_t n_blocks = std::max<int64_t>(1, ((r1 - r0) / 4 + 1) * ((N - r0) / 4 + 1) / 2);
-  const int64_t pf_step = pf ? (pf_bytes / 64) / n_blocks + 1 : 0;
-  int64_t pf_at = 0;
+  PrefetchPacer prefetch(pf, pf_bytes, r1 - r0, N - r0, 4);
   for (int64_t jb0 = r0; jb0 < N; jb0 += kGramColBlock) {
     const int64_t jb1 = std::min(N, jb0 + kGramColBlock);
     for (int64_t i0 = r0; i0 < r1 && i0 < jb1; i0 += 4) {
       const float* A = xc + i0 * ld;
       for (int64_t j = std::max(jb0, i0); j < jb1; j += 4) {
-        for (int64_t q = 0; q < pf_step && pf_at < pf_bytes; ++q, pf_at += 64) _mm_prefetch(pf + pf_at, _MM_HINT_T1);
+        prefetch.next();
         const float* Bp = xc + j * ld;
         __m512 acc[16];
         for (int m = 0; m < 16; ++m) acc[m] = _mm512_setzero_ps();
@@ -607,15 +621,13 @@ __attribute__((target("avx2,fma"))) inline void upper_e_rows(const float* xc, in
                                                           const float* sq, int64_t N, float* D, int64_t r0,
                                                           int64_t r1, const char* pf, int64_t pf_bytes) {
   for (int64_t i = r0; i < r1; ++i) D[i * N + i] = 0.f;
-  const int64_t n_blocks = std::max<int64_t>(1, ((r1 - r0) / 4 + 1) * ((N - r0) / 3 + 1) / 2);
-  const int64_t pf_step = pf ? (pf_bytes / 64) / n_blocks + 1 : 0;
-  int64_t pf_at = 0;
+  PrefetchPacer prefetch(pf, pf_bytes, r1 - r0, N - r0, 3);
   for (int64_t jb0 = r0; jb0 < N; jb0 += kGramColBlock) {
     const int64_t jb1 = std::min(N, jb0 + kGramColBlock);
     for (int64_t i0 = r0; i0 < r1 && i0 + 1 < jb1; i0 += 4) {
       const float* A = xc + i0 * ld;
       for (int64_t j = std::max(jb0, i0 + 1); j < jb1; j += 3) {
-        for (int64_t q = 0; q < pf_step && pf_at < pf_bytes; ++q, pf_at += 64) _mm_prefetch(pf + pf_at, _MM_HINT_T1);
+        prefetch.next();
         const float* Bp = xc + j * ld;
         __m256 acc[12];
         for (int m = 0; m < 12; ++m) acc[m] = _mm256_setzero_ps();
