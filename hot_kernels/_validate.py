@@ -73,15 +73,16 @@ def finite(op: str, name: str, t, *, allow_neg_inf: bool = False, allow_pos_inf:
 
 
 def tensor(op: str, name: str, t, dims: str, *, ndim: int, float_=True, allow_neg_inf: bool = False,
-           allow_pos_inf: bool = False) -> torch.Tensor:
-    """A tensor of rank ``ndim`` (its axes named by ``dims``, e.g. "(B, N, C)") and float dtype."""
+           allow_pos_inf: bool = False, check_finite: bool = True) -> torch.Tensor:
+    """A tensor of rank ``ndim`` (its axes named by ``dims``, e.g. "(B, N, C)") and float dtype;
+    finite too under HOT_KERNELS_DEBUG=1 (check_finite=False: the caller checks that itself)."""
     if not isinstance(t, torch.Tensor):
         fail(op, f"{name} must be a torch.Tensor of shape {dims}, got {type(t).__name__}")
     if t.dim() != ndim:
         fail(op, f"{name} must be {ndim}-D {dims}, got shape {_shape(t)}")
     if float_ and t.dtype not in FLOAT_DTYPES:
         fail(op, f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
-    if float_:
+    if float_ and check_finite:
         finite(op, name, t, allow_neg_inf=allow_neg_inf, allow_pos_inf=allow_pos_inf)
     return t
 
@@ -169,8 +170,11 @@ def exclude(op: str, ex, score: torch.Tensor) -> torch.Tensor | None:
 
 def tra_inputs(op, query, x, weights: dict, num_heads, scale):
     """Validate token_recovering_attention's inputs; returns (num_heads, scale)."""
-    x = tensor(op, "x", x, "(S, M, C)", ndim=3)
-    query = tensor(op, "query", query, "(1 or S, L, C)", ndim=3)
+    # The HOT_KERNELS_DEBUG switch is read once here, not once per tensor (ten environment reads
+    # were about a quarter of this function's time, which counts at TRA's B = 1 shapes).
+    debug = debug_enabled()
+    x = tensor(op, "x", x, "(S, M, C)", ndim=3, check_finite=debug)
+    query = tensor(op, "query", query, "(1 or S, L, C)", ndim=3, check_finite=debug)
     S, M, C = x.shape  # S = 0 is allowed: an empty (0, L, C) output
     if M == 0:
         fail(op, f"x must have at least one token (M >= 1), got shape {_shape(x)}")
@@ -201,8 +205,10 @@ def tra_inputs(op, query, x, weights: dict, num_heads, scale):
             fail(op, f"{name} must have shape {want} for C = {C}, got {_shape(w)}")
         if w.dtype != x.dtype:
             fail(op, f"{name} is {w.dtype} but x is {x.dtype}; all inputs must have one dtype")
-        same_device(op, "x", x, **{name: w})
-        finite(op, name, w)
+        if w.device != x.device:
+            same_device(op, "x", x, **{name: w})
+        if debug:
+            finite(op, name, w)
     if scale is not None:
         if isinstance(scale, (bool, torch.Tensor)) or not isinstance(scale, numbers.Real):
             fail(op, f"scale must be a float (a Python or NumPy number) or None, got "
