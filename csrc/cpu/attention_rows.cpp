@@ -13,8 +13,9 @@
 // lanes (zmm) on AVX-512, 8 (ymm) on AVX2 + FMA, 4 (xmm) on the baseline, with register blocks
 // sized to its register file. The AVX-512 and AVX2 paths use fused multiply-adds, the baseline
 // separate multiplies and adds, and each path's row sums follow its vector width, so the paths
-// agree to rounding (each within the tested tolerance of the float64 reference), not bitwise. exp
-// is a Cody-Waite range reduction with a degree-6 polynomial (about 1 ulp).
+// agree to rounding (each within the tested tolerance of the float64 reference), not bitwise. The
+// softmax exponentials are 2^t on logits pre-scaled by log2(e) (one rounding, folded into K's
+// scale): a degree-6 polynomial after an exact split of t, under 1 ulp.
 #include "attention_rows.h"
 
 #include "tpc_common.h"
@@ -44,6 +45,8 @@ constexpr int64_t kPad = 16;  // head channels are padded to a multiple of this 
 constexpr int kR = 4;          // query rows per register block
 constexpr int64_t kTaskRows = 64;   // query rows per forward task when (sequence, head) pairs are few
 constexpr int64_t kMaxKeysTimesWidth = int64_t(1) << 18;  // per-task scratch bound (supported())
+constexpr double kLog2e = 1.4426950408889634;  // log2(e)
+constexpr float kLn2 = 0.693147180559945309f;  // ln(2)
 
 inline int64_t round_up(int64_t a, int64_t b) { return (a + b - 1) / b * b; }
 
@@ -56,6 +59,7 @@ struct Geometry {
   int64_t L, M, C, H, d;
   int64_t mp, dp;  // M and d padded to whole vectors
   float scale;
+  float scale_log2;  // scale * log2(e): the logits in base-2 units, for exp2 (attention_rows_kernels.h)
   const float* q_row(int64_t s, int64_t h, int64_t i) const { return q + s * q_seq_stride + i * C + h * d; }
   const float* k_row(int64_t s, int64_t h, int64_t j) const { return kv + (s * M + j) * 2 * C + h * d; }
   const float* v_row(int64_t s, int64_t h, int64_t j) const { return k_row(s, h, j) + C; }
@@ -77,6 +81,7 @@ Geometry geometry(const at::Tensor& q, int64_t q_seq_stride, const at::Tensor& k
   g.mp = round_up(M, key_pad);
   g.dp = round_up(g.d, kPad);
   g.scale = static_cast<float>(scale);
+  g.scale_log2 = static_cast<float>(scale * kLog2e);
   return g;
 }
 
