@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from . import _ext
+from . import _environ, _ext
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 ENV_VAR = "HOT_KERNELS_BACKEND"
@@ -204,11 +204,20 @@ def requested_backend(backend: str | None = None) -> tuple[str | None, str]:
         return backend, "backend="
     if _override:
         return _override[-1], "hot_kernels.use_backend()"
-    env = os.environ.get(ENV_VAR)
+    env = _environ.get(ENV_VAR)
     if env:
         _check_name(env, ENV_VAR)
         return env, ENV_VAR
     return None, ""
+
+
+def default_is_cpu(op: str) -> bool:
+    """Whether :func:`resolve` certainly answers "cpu" for a float CPU tensor when the call names no
+    backend: no :func:`use_backend` block or HOT_KERNELS_BACKEND, the cpu backend first in
+    CPU_PREFERENCE[op], and hot_kernels._C loaded with the op. False means only: ask resolve()
+    (which may also build _C first). For fast paths that skip resolve()'s general walk."""
+    return (not _override and CPU_PREFERENCE[op][0] == "cpu" and _ext.C is not None
+            and not _environ.get(ENV_VAR) and op in _ext.ops_for_device("cpu"))
 
 
 def resolve(op: str, t: torch.Tensor, backend: str | None = None, k: int | None = None) -> str:

@@ -33,6 +33,17 @@ ENABLED = os.environ.get(ENV_VAR, "1") not in ("0", "false", "False", "no", "off
 
 _PLAIN = (Tensor, torch.nn.Parameter)
 
+# The torch functions every call asks, bound once: right after a large op has evicted the
+# interpreter from the caches, each module-attribute chain (torch._C._functorch...) costs misses.
+# torch.compile still recognises is_compiling by identity.
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._len_torch_function_stack
+_functorch_interpreter = torch._C._functorch.peek_interpreter_stack
+_jit_tracing = torch._C._get_tracing_state
+_profiling = torch._C._autograd._profiler_enabled
+_autocast_on = torch.is_autocast_enabled
+
 
 def applies(backend: str, *tensors) -> bool:
     """Whether a call on ``backend`` with these tensor arguments (None for absent ones) may skip
@@ -40,14 +51,19 @@ def applies(backend: str, *tensors) -> bool:
     jit-tracing), no torch dispatch or torch function mode, no functorch transform (vmap, grad,
     jvp, functionalize), and every tensor a plain Tensor or Parameter (no subclass: FakeTensor,
     FunctionalTensor, DTensor, a user's __torch_function__ class)."""
-    if not ENABLED or backend not in ("cpu", "cuda"):
-        return False
-    if torch.compiler.is_compiling():  # first: under Dynamo nothing below is traced
-        return False
-    if (torch._C._len_torch_dispatch_stack() or torch._C._len_torch_function_stack()
-            or torch._C._functorch.peek_interpreter_stack() is not None or torch._C._get_tracing_state() is not None):
+    if backend not in ("cpu", "cuda") or not unobserved():
         return False
     return all(t is None or type(t) in _PLAIN for t in tensors)
+
+
+def unobserved() -> bool:
+    """The fast path is on and nothing could observe an op call now: eager execution (not
+    compiling, exporting or jit-tracing), no torch dispatch or function mode, no functorch
+    transform (the tensor checks of :func:`applies` aside)."""
+    if not ENABLED or _is_compiling():  # first: under Dynamo nothing below is traced
+        return False
+    return not (_dispatch_modes() or _function_modes() or _functorch_interpreter() is not None
+                or _jit_tracing() is not None)
 
 
 def _labelled(name: str):
@@ -58,7 +74,11 @@ def _labelled(name: str):
 
 
 def _run(name: str, backend: str, first: Tensor, *args):
-    """The C++ entry point ``name`` of hot_kernels._C, run as the op's ``compiled_`` body runs it."""
+    """The C++ entry point ``name`` of hot_kernels._C, run as the op's ``compiled_`` body runs it.
+    Without a profiler or autocast (the common case) no context manager is built: entering two
+    cost about 20 us per call right after a large op had evicted the interpreter from the caches."""
+    if not _profiling() and not _autocast_on(first.device.type):
+        return getattr(_ext.C, name)(first, *args)
     with _labelled(name):
         return _ops._run_compiled(name, backend, first, *args)
 

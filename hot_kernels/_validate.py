@@ -15,9 +15,10 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import os
 
 import torch
+
+from . import _environ
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -31,7 +32,7 @@ def fail(op: str, msg: str):
 
 
 def debug_enabled() -> bool:
-    return os.environ.get("HOT_KERNELS_DEBUG", "0") not in ("", "0")
+    return _environ.flag("HOT_KERNELS_DEBUG")
 
 
 def _shape(t) -> str:

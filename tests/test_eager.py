@@ -271,6 +271,71 @@ def test_under_saved_tensor_hooks_both_paths_give_the_same_gradients():
     assert out.stdout.strip() == "ok"
 
 
+def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch):
+    """functional._tra_common_case runs a plain TRA call in a few Python steps, without the full
+    path's validation and dispatch, with bitwise the full path's outputs and gradients; every
+    other call (a named backend, non-Python scalars, a bad shape or dtype, a broadcast query,
+    S = 0, debug checks, autocast, another backend chosen) goes through the full path."""
+    from hot_kernels import _validate
+    import numpy as np
+
+    full_path = []
+    real = _validate.tra_inputs
+
+    def counting(*a, **k):
+        full_path.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(_validate, "tra_inputs", counting)
+
+    def run(args, **kw):
+        out = hk.token_recovering_attention(*args, **{"num_heads": 4, **kw})
+        leaves = [a for a in args if a is not None and a.requires_grad]
+        grads = torch.autograd.grad(out, leaves, torch.ones_like(out)) if out.requires_grad else ()
+        return out.detach(), grads
+
+    args = _tra_args(torch.float32)
+    fast = run(args)
+    with torch.no_grad():
+        fast_no_grad = hk.token_recovering_attention(*args, num_heads=4)
+    assert full_path == []
+    monkeypatch.setenv("HOT_KERNELS_DEBUG", "1")  # adds finiteness checks only: the full path, same values
+    full = run(args)
+    monkeypatch.delenv("HOT_KERNELS_DEBUG")
+    assert full_path == [1]
+    assert torch.equal(fast[0], full[0]) and torch.equal(fast_no_grad, full[0])
+    assert len(fast[1]) == 9 and all(torch.equal(a, b) for a, b in zip(fast[1], full[1]))
+
+    def through_full_path(fn, raises=None):
+        full_path.clear()
+        if raises is None:
+            fn()
+        else:
+            with pytest.raises(raises):
+                fn()
+        assert full_path == [1]
+
+    detached = [a.detach() if a is not None else None for a in args]
+    through_full_path(lambda: run(args, backend="cpu"))
+    through_full_path(lambda: run(args, scale=np.float32(0.3)))
+    through_full_path(lambda: run(args, num_heads=np.int64(4)))
+    through_full_path(lambda: run(args, residual=1), raises=_validate.HotKernelsInputError)
+    through_full_path(lambda: run(args[:3] + [torch.zeros(5)] + args[4:]), raises=_validate.HotKernelsInputError)
+    through_full_path(lambda: run([args[0].double()] + args[1:]), raises=_validate.HotKernelsInputError)
+    through_full_path(lambda: run(args, num_heads=3), raises=_validate.HotKernelsInputError)
+    through_full_path(lambda: run([detached[0].expand(3, -1, -1)] + detached[1:]))
+    through_full_path(lambda: run([detached[0], detached[1][:0]] + detached[2:]))
+    with hk.use_backend("reference"):
+        through_full_path(lambda: run(args))
+    monkeypatch.setenv("HOT_KERNELS_BACKEND", "reference")
+    through_full_path(lambda: run(args))
+    monkeypatch.delenv("HOT_KERNELS_BACKEND")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        through_full_path(lambda: run(args))
+    monkeypatch.setattr(_eager, "ENABLED", False)
+    through_full_path(lambda: run(args))
+
+
 def test_environment_variable_turns_the_fast_path_off():
     code = "from hot_kernels import _eager; print(_eager.ENABLED)"
     for value, want in (("0", "False"), ("1", "True")):
