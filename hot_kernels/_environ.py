@@ -18,10 +18,10 @@ _KEYS: dict[str, bytes] = {}
 
 def get(name: str) -> str | None:
     """``os.environ.get(name)``."""
-    if not _FAST:
-        return os.environ.get(name)
     key = _KEYS.get(name)
     if key is None:
+        if not _FAST:
+            return os.environ.get(name)
         key = _KEYS[name] = os.fsencode(name)
     value = _DATA.get(key)
     return None if value is None else os.fsdecode(value)
@@ -29,4 +29,7 @@ def get(name: str) -> str | None:
 
 def flag(name: str) -> bool:
     """Whether switch ``name`` is set to something other than "" or "0"."""
-    return get(name) not in (None, "", "0")
+    key = _KEYS.get(name)
+    if key is None:
+        return get(name) not in (None, "", "0")
+    return _DATA.get(key) not in (None, b"", b"0")

@@ -169,6 +169,14 @@ def dpc_knn(x: torch.Tensor, f: int, k: int = 2, token_mask: torch.Tensor | None
     returns the kept indices ascending (what HoT models do next); False: best score first (a
     kept center last). assignment[i] = position in index of the kept token nearest to token i.
     Every index row holds f distinct values in [0, N), on any input (NaN included)."""
+    if backend is None and token_mask is None and _is_plain(x, 3) and _common_case("dpc_knn"):
+        B, N, C = x.shape
+        if (B and N and C and type(f) is int and 1 <= f <= N and type(k) is int and 1 <= k <= N
+                and (center is None or (type(center) is int and 0 <= center < N))
+                and type(return_assignment) is bool and type(sorted) is bool):
+            index, assignment = _eager._run("dpc_knn", "cpu", x.detach(), f, k, None, center, True, sorted,
+                                            return_assignment)
+            return (index, assignment) if return_assignment else index
     index, assignment = _dpc_knn("dpc_knn", x, f, k, token_mask, center, return_assignment, sorted, True, backend)
     return (index, assignment) if return_assignment else index
 
@@ -181,6 +189,16 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
     (k neighbours; center forced if given), gathers them (differentiable in x: the backward
     scatter-adds into the kept frames) and adds pos_embed ((1 or B), f, C), broadcast over joints,
     if given (differentiable too). The selection itself is not differentiable (as in HoT)."""
+    if (backend is None and _is_plain(x, 4) and (pos_embed is None or _is_plain(pos_embed, 3))
+            and _common_case("dpc_knn", "gather_frames")):
+        B, Fr, J, C = x.shape
+        if (B and Fr and J and C and type(f) is int and 1 <= f <= Fr and type(k) is int and 1 <= k <= Fr
+                and (center is None or (type(center) is int and 0 <= center < Fr))
+                and (pos_embed is None or (pos_embed.shape[0] in (1, B) and pos_embed.shape[1] == f
+                                           and pos_embed.shape[2] == C and pos_embed.dtype is x.dtype
+                                           and pos_embed.device == x.device))):
+            index = _eager._run("dpc_knn", "cpu", x.detach(), f, k, None, center, True, True, False)[0]
+            return _eager.gather_frames(x, index, pos_embed, "cpu"), index
     op = "token_pruning_cluster"
     V.tensor(op, "x", x, "(B, F, J, C)", ndim=4)
     B, Fr, J, C = x.shape
@@ -212,6 +230,64 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
         x_kept = _impl(gather, x, index, pos_embed).gather_frames(x, index, pos_embed, gather)
     V.outputs(op, values=[("x_kept", x_kept)], indices=[("index", index, Fr, True)])
     return x_kept, index
+
+
+# ---- the common-case paths ------------------------------------------------------------------
+#
+# Right after a large op has evicted the interpreter from the caches (between a model's layers,
+# and in the benchmark's round-robin) every Python call and lookup misses: the full path's
+# validation helpers, dispatch and eager checks then cost 130-210 us per call (2-core Xeon),
+# a third of a B = 1 dpc_knn and 7 % of a B = 1 TRA. dpc_knn, token_pruning_cluster and
+# token_recovering_attention therefore first try their common case in a few steps: only calls
+# that the full path would accept unchanged and run on the cpu backend's eager path (plain CPU
+# tensors of a float dtype and valid shapes, Python ints and bools, no backend named, no mask,
+# no HOT_KERNELS_DEBUG, no autocast where it would cast, nothing observing the call). For
+# anything else the full path validates (with its messages) and dispatches as always.
+
+
+def _is_plain(t, ndim: int) -> bool:
+    """t is a plain float CPU Tensor or Parameter of rank ndim."""
+    return (type(t) in _eager._PLAIN and t.dim() == ndim and t.dtype in V.FLOAT_DTYPES
+            and t.device.type == "cpu")
+
+
+def _common_case(op: str, op2: str | None = None) -> bool:
+    """Nothing observing the call (checked first: under torch.compile nothing after it is traced),
+    no debug checks, the cpu backend the default for op (and op2)."""
+    return (_eager.unobserved() and not V.debug_enabled() and _dispatch.default_is_cpu(op)
+            and (op2 is None or _dispatch.default_is_cpu(op2)))
+
+
+def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, backend):
+    """token_recovering_attention's common case (a shared or dense per-sequence query, weights and
+    biases of x's dtype and shapes, an int num_heads dividing C, scale None or a finite float, no
+    autocast), or None: take the full path."""
+    if (backend is not None or type(residual) is not bool or type(num_heads) is not int or num_heads < 1
+            or not _is_plain(x, 3) or not _is_plain(query, 3)):
+        return None
+    dtype = x.dtype
+    S, M, C = x.shape
+    Sq, L, Cq = query.shape
+    if (S == 0 or M == 0 or C == 0 or L == 0 or Cq != C or C % num_heads or query.dtype is not dtype
+            or not (Sq == 1 or (Sq == S and query.stride(0) != 0))):
+        return None
+    for w in (wq, wk, wv, wo):
+        if not _is_plain(w, 2) or w.shape != (C, C) or w.dtype is not dtype:
+            return None
+    for b in (bq, bk, bv, bo):
+        if b is not None and (not _is_plain(b, 1) or b.shape != (C,) or b.dtype is not dtype):
+            return None
+    if scale is None:
+        scale = (C // num_heads) ** -0.5
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None
+    if torch.is_autocast_enabled("cpu") or not _common_case("token_recovering_attention"):
+        return None
+    tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        # keep (as the full path's _eager.needs_graph): the backward will run
+        return _eager.token_recovering_attention(*tensors, num_heads, scale, residual, True, "cpu")[0]
+    return _eager._run("token_recovering_attention", "cpu", *tensors, num_heads, scale, residual, False)[0]
 
 
 def _autocast_dtype(t: torch.Tensor) -> torch.dtype | None:
@@ -261,51 +337,6 @@ def token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_hea
             query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, keep, name)[0]
     V.outputs(op, values=[("out", out)])
     return out
-
-
-def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, backend):
-    """token_recovering_attention's common case in a few Python steps, or None: take the full path.
-
-    Right after a large op has evicted the interpreter from the caches (between a model's layers,
-    and in the benchmark's round-robin), every Python call and lookup misses: the full path's
-    validation helpers, dispatch and eager checks then took about 210 us per call, 7 % of TRA at
-    B = 1, C = 128 (2-core Xeon, AVX2 path); this takes about 50. It accepts only calls that the
-    full path would accept unchanged and run on the cpu backend's eager path: plain CPU tensors of
-    one float dtype and valid shapes, a shared or dense per-sequence query, an int num_heads
-    dividing C, scale None or a finite float, a bool residual, no backend named, no
-    HOT_KERNELS_DEBUG, no autocast, nothing observing the call. For anything else the full path
-    validates (with its messages) and dispatches as always."""
-    if backend is not None or type(residual) is not bool or type(num_heads) is not int or num_heads < 1:
-        return None
-    plain = _eager._PLAIN
-    if type(x) not in plain or type(query) not in plain or x.dim() != 3 or query.dim() != 3:
-        return None
-    dtype, device = x.dtype, x.device
-    S, M, C = x.shape
-    Sq, L, Cq = query.shape
-    if (device.type != "cpu" or S == 0 or M == 0 or C == 0 or L == 0 or Cq != C or C % num_heads
-            or query.dtype is not dtype or query.device != device
-            or not (Sq == 1 or (Sq == S and query.stride(0) != 0))):
-        return None
-    for w in (wq, wk, wv, wo):
-        if type(w) not in plain or w.shape != (C, C) or w.dtype is not dtype or w.device != device:
-            return None
-    for b in (bq, bk, bv, bo):
-        if b is not None and (type(b) not in plain or b.shape != (C,) or b.dtype is not dtype or b.device != device):
-            return None
-    if scale is None:
-        scale = (C // num_heads) ** -0.5
-    elif type(scale) is not float or not math.isfinite(scale):
-        return None
-    if (dtype not in V.FLOAT_DTYPES or V.debug_enabled() or torch.is_autocast_enabled("cpu")
-            or not _dispatch.default_is_cpu("token_recovering_attention") or not _eager.unobserved()):
-        return None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, x, wq, bq, wk, bk, wv, bv, wo, bo)):
-        # keep: the backward will run (as in the full path: _eager.needs_graph)
-        return _eager.token_recovering_attention(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
-                                                 residual, True, "cpu")[0]
-    return _eager._run("token_recovering_attention", "cpu", query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
-                       residual, False)[0]
 
 
 def token_recovering_interpolation(x_kept: torch.Tensor, index: torch.Tensor, F: int, *,

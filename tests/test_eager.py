@@ -336,6 +336,102 @@ def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch
     through_full_path(lambda: run(args))
 
 
+def _count_full_path(monkeypatch):
+    """A list that grows by one per call of _dispatch.resolve: every full path that gets past its
+    validation resolves the backend; no common case does."""
+    from hot_kernels import _dispatch
+
+    calls = []
+    real = _dispatch.resolve
+
+    def counting(*a, **k):
+        calls.append(a[0])
+        return real(*a, **k)
+
+    monkeypatch.setattr(_dispatch, "resolve", counting)
+    return calls
+
+
+def _selection_calls():
+    """{op: (plain call, [(unusual call, expected exception or None)], differentiable inputs)}."""
+    import numpy as np
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 30, 8, generator=g)
+    clip = torch.randn(2, 30, 3, 8, generator=g, requires_grad=True)
+    pos = torch.randn(1, 9, 8, generator=g, requires_grad=True)
+    mask = torch.ones(2, 30, dtype=torch.bool)
+    bad = _validate_error()
+    dpc = (lambda: hk.dpc_knn(x, 9, 2, center=4, return_assignment=True),
+           [(lambda: hk.dpc_knn(x, 9, backend="cpu"), None), (lambda: hk.dpc_knn(x, 9, token_mask=mask), None),
+            (lambda: hk.dpc_knn(x, np.int64(9)), None), (lambda: hk.dpc_knn(x, 9, center=np.int32(3)), None),
+            (lambda: hk.dpc_knn(x, 31), bad), (lambda: hk.dpc_knn(x, 9, 0), bad),
+            (lambda: hk.dpc_knn(x, 9, center=30), bad), (lambda: hk.dpc_knn(x[0], 9), bad),
+            (lambda: hk.dpc_knn(x, 9, return_assignment=1), bad), (lambda: hk.dpc_knn(x[:, :0], 1), bad),
+            (lambda: hk.dpc_knn(x.to(torch.int32), 9), bad)], [])
+    tpc = (lambda: hk.token_pruning_cluster(clip, 9, 2, center=4, pos_embed=pos),
+           [(lambda: hk.token_pruning_cluster(clip, 9, backend="cpu"), None),
+            (lambda: hk.token_pruning_cluster(clip, 9, pos_embed=pos[:, :8]), bad),
+            (lambda: hk.token_pruning_cluster(clip, 9, pos_embed=pos.double()), bad),
+            (lambda: hk.token_pruning_cluster(clip, 9, pos_embed=pos[0]), bad),
+            (lambda: hk.token_pruning_cluster(clip, np.int64(9)), None),
+            (lambda: hk.token_pruning_cluster(clip, 31), bad),
+            (lambda: hk.token_pruning_cluster(clip, 9, center=-1), bad),
+            (lambda: hk.token_pruning_cluster(clip[:, :, :0], 9), bad)], [clip, pos])
+    return {"dpc_knn": dpc, "token_pruning_cluster": tpc}
+
+
+def _validate_error():
+    from hot_kernels import _validate
+
+    return _validate.HotKernelsInputError
+
+
+def _flat(out):
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+@pytest.mark.parametrize("op", ["dpc_knn", "token_pruning_cluster"])
+def test_selection_common_case_takes_only_calls_the_full_path_would_accept(op, monkeypatch):
+    """dpc_knn's and token_pruning_cluster's common case (see hot_kernels/functional.py) skips the
+    full path with bitwise its results (and gradients), and every unusual call goes through it."""
+    full_path = _count_full_path(monkeypatch)
+    plain, unusual, leaves = _selection_calls()[op]
+    fast = _flat(plain())
+    assert full_path == []
+    monkeypatch.setenv("HOT_KERNELS_DEBUG", "1")  # adds value checks only: the full path, same values
+    full = _flat(plain())
+    monkeypatch.delenv("HOT_KERNELS_DEBUG")
+    assert full_path
+    assert len(fast) == len(full) and all(torch.equal(a, b) for a, b in zip(fast, full))
+    if leaves:  # the gather's gradients too
+        g_fast = torch.autograd.grad(fast[0].sum(), leaves)
+        g_full = torch.autograd.grad(full[0].sum(), leaves)
+        assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(g_fast, g_full))
+    for call, raises in unusual:
+        full_path.clear()
+        if raises is None:
+            call()
+            assert full_path
+        else:  # the full path's validation message (the common case never raises one)
+            with pytest.raises(raises):
+                call()
+    for switch in ("HOT_KERNELS_DEBUG", "HOT_KERNELS_BACKEND"):
+        monkeypatch.setenv(switch, "1" if switch == "HOT_KERNELS_DEBUG" else "reference")
+        full_path.clear()
+        plain()
+        assert full_path
+        monkeypatch.delenv(switch)
+    with hk.use_backend("reference"):
+        full_path.clear()
+        plain()
+        assert full_path
+    monkeypatch.setattr(_eager, "ENABLED", False)
+    full_path.clear()
+    plain()
+    assert full_path
+
+
 def test_environment_variable_turns_the_fast_path_off():
     code = "from hot_kernels import _eager; print(_eager.ENABLED)"
     for value, want in (("0", "False"), ("1", "True")):
