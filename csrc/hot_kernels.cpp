@@ -216,6 +216,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_frames_backward", &hk::gather_frames_backward, no_gil);
   m.def("token_recovering_attention", &hk::token_recovering_attention, no_gil);
   m.def("token_recovering_attention_backward", &hk::token_recovering_attention_backward, no_gil);
+  m.def("token_recovering_attention_autograd_cpu", &hk::token_recovering_attention_autograd_cpu, no_gil);
   m.def("token_recovering_interpolation", &hk::token_recovering_interpolation, no_gil);
   m.def("token_recovering_interpolation_backward", &hk::token_recovering_interpolation_backward, no_gil);
   m.def("merge_tokens", &hk::merge_tokens, no_gil);

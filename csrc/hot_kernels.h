@@ -68,6 +68,13 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
     const std::optional<at::Tensor>& bq, const at::Tensor& wk, const std::optional<at::Tensor>& bk,
     const at::Tensor& wv, const std::optional<at::Tensor>& bv, const at::Tensor& wo,
     const std::optional<at::Tensor>& bo, int64_t num_heads, double scale, bool residual, bool keep);
+// The forward with autograd as one C++ node (csrc/tra_autograd.cpp): out (S, L, C), differentiable in
+// every tensor input; the backward is token_recovering_attention_backward_cpu on what the forward kept.
+at::Tensor token_recovering_attention_autograd_cpu(
+    const at::Tensor& query, const at::Tensor& x, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
+    const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
+    const std::optional<at::Tensor>& bv, const at::Tensor& wo, const std::optional<at::Tensor>& bo,
+    int64_t num_heads, double scale, bool residual);
 // Returns {d_query (shape of query: summed over S when shared), d_x, d_wq, d_bq, d_wk, d_bk, d_wv,
 // d_bv, d_wo, d_bo}; a bias gradient is an empty tensor when that bias is none. kv and o: the
 // forward's kept tensors, or empty tensors (then recomputed).

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import _dispatch, _eager, _ops, reference
+from . import _dispatch, _eager, _ext, _ops, reference
 from . import _validate as V
 
 __all__ = [
@@ -285,8 +285,9 @@ def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
         return None
     tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        # keep (as the full path's _eager.needs_graph): the backward will run
-        return _eager.token_recovering_attention(*tensors, num_heads, scale, residual, True, "cpu")[0]
+        # The backward will run (the full path's _eager.needs_graph): one C++ autograd node
+        # (csrc/tra_autograd.cpp) with the Python path's kernels, saved tensors and formula.
+        return _ext.C.token_recovering_attention_autograd_cpu(*tensors, num_heads, scale, residual)
     return _eager._run("token_recovering_attention", "cpu", *tensors, num_heads, scale, residual, False)[0]
 
 
