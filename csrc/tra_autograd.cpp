@@ -1,4 +1,5 @@
-// The eager path's TRA autograd node in C++ (hot_kernels.functional's common case with gradients).
+// The eager path's TRA autograd node on CPU, in C++ (hot_kernels/_eager.py's token_recovering_attention
+// when the backward will run, on the cpu backend).
 //
 // hot_kernels/_eager.py wraps every differentiable op in a Python torch.autograd.Function. For TRA at
 // B = 1 that Python (Function.apply, the Python backward node, our backward glue) ran cold after the

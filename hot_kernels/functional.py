@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from . import _dispatch, _eager, _ext, _ops, reference
+from . import _dispatch, _eager, _ops, reference
 from . import _validate as V
 
 __all__ = [
@@ -171,9 +171,8 @@ def dpc_knn(x: torch.Tensor, f: int, k: int = 2, token_mask: torch.Tensor | None
     Every index row holds f distinct values in [0, N), on any input (NaN included)."""
     if backend is None and token_mask is None and _is_plain(x, 3) and _common_case("dpc_knn"):
         B, N, C = x.shape
-        if (B and N and C and type(f) is int and 1 <= f <= N and type(k) is int and 1 <= k <= N
-                and (center is None or (type(center) is int and 0 <= center < N))
-                and type(return_assignment) is bool and type(sorted) is bool):
+        if (B and N and C and _selection_args(N, f, k, center) and type(return_assignment) is bool
+                and type(sorted) is bool):
             index, assignment = _eager._run("dpc_knn", "cpu", x.detach(), f, k, None, center, True, sorted,
                                             return_assignment)
             return (index, assignment) if return_assignment else index
@@ -192,8 +191,7 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
     if (backend is None and _is_plain(x, 4) and (pos_embed is None or _is_plain(pos_embed, 3))
             and _common_case("dpc_knn", "gather_frames")):
         B, Fr, J, C = x.shape
-        if (B and Fr and J and C and type(f) is int and 1 <= f <= Fr and type(k) is int and 1 <= k <= Fr
-                and (center is None or (type(center) is int and 0 <= center < Fr))
+        if (B and Fr and J and C and _selection_args(Fr, f, k, center)
                 and (pos_embed is None or (pos_embed.shape[0] in (1, B) and pos_embed.shape[1] == f
                                            and pos_embed.shape[2] == C and pos_embed.dtype is x.dtype
                                            and pos_embed.device == x.device))):
@@ -251,6 +249,13 @@ def _is_plain(t, ndim: int) -> bool:
             and t.device.type == "cpu")
 
 
+def _selection_args(N: int, f, k, center) -> bool:
+    """Python ints f and k in [1, N], center None or a Python int in [0, N): what the selection's
+    full validation accepts unchanged (keep_center=True)."""
+    return (type(f) is int and 1 <= f <= N and type(k) is int and 1 <= k <= N
+            and (center is None or (type(center) is int and 0 <= center < N)))
+
+
 def _common_case(op: str, op2: str | None = None) -> bool:
     """Nothing observing the call (checked first: under torch.compile nothing after it is traced),
     no debug checks, the cpu backend the default for op (and op2)."""
@@ -284,10 +289,8 @@ def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
     if torch.is_autocast_enabled("cpu") or not _common_case("token_recovering_attention"):
         return None
     tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        # The backward will run (the full path's _eager.needs_graph): one C++ autograd node
-        # (csrc/tra_autograd.cpp) with the Python path's kernels, saved tensors and formula.
-        return _ext.C.token_recovering_attention_autograd_cpu(*tensors, num_heads, scale, residual)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):  # needs_graph
+        return _eager.token_recovering_attention(*tensors, num_heads, scale, residual, True, "cpu")[0]
     return _eager._run("token_recovering_attention", "cpu", *tensors, num_heads, scale, residual, False)[0]
 
 

@@ -276,17 +276,9 @@ def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch
     path's validation and dispatch, with bitwise the full path's outputs and gradients; every
     other call (a named backend, non-Python scalars, a bad shape or dtype, a broadcast query,
     S = 0, debug checks, autocast, another backend chosen) goes through the full path."""
-    from hot_kernels import _validate
     import numpy as np
 
-    full_path = []
-    real = _validate.tra_inputs
-
-    def counting(*a, **k):
-        full_path.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(_validate, "tra_inputs", counting)
+    full_path = _count_full_path(monkeypatch)
 
     def run(args, **kw):
         out = hk.token_recovering_attention(*args, **{"num_heads": 4, **kw})
@@ -302,27 +294,21 @@ def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch
     monkeypatch.setenv("HOT_KERNELS_DEBUG", "1")  # adds finiteness checks only: the full path, same values
     full = run(args)
     monkeypatch.delenv("HOT_KERNELS_DEBUG")
-    assert full_path == [1]
+    assert full_path
     assert torch.equal(fast[0], full[0]) and torch.equal(fast_no_grad, full[0])
     assert len(fast[1]) == 9 and all(torch.equal(a, b) for a, b in zip(fast[1], full[1]))
 
     def through_full_path(fn, raises=None):
-        full_path.clear()
-        if raises is None:
-            fn()
-        else:
-            with pytest.raises(raises):
-                fn()
-        assert full_path == [1]
+        _assert_full_path(full_path, fn, raises)
 
     detached = [a.detach() if a is not None else None for a in args]
     through_full_path(lambda: run(args, backend="cpu"))
     through_full_path(lambda: run(args, scale=np.float32(0.3)))
     through_full_path(lambda: run(args, num_heads=np.int64(4)))
-    through_full_path(lambda: run(args, residual=1), raises=_validate.HotKernelsInputError)
-    through_full_path(lambda: run(args[:3] + [torch.zeros(5)] + args[4:]), raises=_validate.HotKernelsInputError)
-    through_full_path(lambda: run([args[0].double()] + args[1:]), raises=_validate.HotKernelsInputError)
-    through_full_path(lambda: run(args, num_heads=3), raises=_validate.HotKernelsInputError)
+    through_full_path(lambda: run(args, residual=1), raises=hk.HotKernelsInputError)
+    through_full_path(lambda: run(args[:3] + [torch.zeros(5)] + args[4:]), raises=hk.HotKernelsInputError)
+    through_full_path(lambda: run([args[0].double()] + args[1:]), raises=hk.HotKernelsInputError)
+    through_full_path(lambda: run(args, num_heads=3), raises=hk.HotKernelsInputError)
     through_full_path(lambda: run([detached[0].expand(3, -1, -1)] + detached[1:]))
     through_full_path(lambda: run([detached[0], detached[1][:0]] + detached[2:]))
     with hk.use_backend("reference"):
@@ -334,6 +320,36 @@ def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch
         through_full_path(lambda: run(args))
     monkeypatch.setattr(_eager, "ENABLED", False)
     through_full_path(lambda: run(args))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_tra_cpp_node_equals_the_python_function_bitwise(dtype):
+    """On the cpu backend the eager TRA with gradients is the C++ autograd node; the Python
+    autograd.Function it replaces (still the cuda backend's eager path) must give bitwise its outputs
+    and gradients, so it stays checked here on CPU too."""
+    args = _tra_args(dtype)
+    leaves = [a for a in args if a is not None]
+    scale = (16 // 4) ** -0.5
+    node = _eager.token_recovering_attention(*args, 4, scale, True, True, "cpu")[0]
+    python = _eager._TokenRecoveringAttention.apply(*args, 4, scale, True, True, "cpu")[0]
+    assert node.grad_fn is not None and python.grad_fn is not None
+    assert type(node.grad_fn).__name__ != type(python.grad_fn).__name__  # two implementations
+    g = torch.randn(node.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(dtype)
+    assert torch.equal(node, python)
+    for a, b in zip(torch.autograd.grad(node, leaves, g), torch.autograd.grad(python, leaves, g)):
+        assert torch.equal(a, b)
+
+
+def _assert_full_path(full_path, fn, raises=None):
+    """fn() went through the full path (full_path: _count_full_path's list), or raised the full
+    path's validation error ``raises`` (the common case never raises one)."""
+    full_path.clear()
+    if raises is None:
+        fn()
+        assert full_path
+    else:
+        with pytest.raises(raises):
+            fn()
 
 
 def _count_full_path(monkeypatch):
@@ -361,7 +377,7 @@ def _selection_calls():
     clip = torch.randn(2, 30, 3, 8, generator=g, requires_grad=True)
     pos = torch.randn(1, 9, 8, generator=g, requires_grad=True)
     mask = torch.ones(2, 30, dtype=torch.bool)
-    bad = _validate_error()
+    bad = hk.HotKernelsInputError
     dpc = (lambda: hk.dpc_knn(x, 9, 2, center=4, return_assignment=True),
            [(lambda: hk.dpc_knn(x, 9, backend="cpu"), None), (lambda: hk.dpc_knn(x, 9, token_mask=mask), None),
             (lambda: hk.dpc_knn(x, np.int64(9)), None), (lambda: hk.dpc_knn(x, 9, center=np.int32(3)), None),
@@ -379,12 +395,6 @@ def _selection_calls():
             (lambda: hk.token_pruning_cluster(clip, 9, center=-1), bad),
             (lambda: hk.token_pruning_cluster(clip[:, :, :0], 9), bad)], [clip, pos])
     return {"dpc_knn": dpc, "token_pruning_cluster": tpc}
-
-
-def _validate_error():
-    from hot_kernels import _validate
-
-    return _validate.HotKernelsInputError
 
 
 def _flat(out):
@@ -409,13 +419,7 @@ def test_selection_common_case_takes_only_calls_the_full_path_would_accept(op, m
         g_full = torch.autograd.grad(full[0].sum(), leaves)
         assert all(torch.equal(a, b) and a.abs().sum() > 0 for a, b in zip(g_fast, g_full))
     for call, raises in unusual:
-        full_path.clear()
-        if raises is None:
-            call()
-            assert full_path
-        else:  # the full path's validation message (the common case never raises one)
-            with pytest.raises(raises):
-                call()
+        _assert_full_path(full_path, call, raises)
     for switch in ("HOT_KERNELS_DEBUG", "HOT_KERNELS_BACKEND"):
         monkeypatch.setenv(switch, "1" if switch == "HOT_KERNELS_DEBUG" else "reference")
         full_path.clear()
