@@ -211,13 +211,18 @@ def requested_backend(backend: str | None = None) -> tuple[str | None, str]:
     return None, ""
 
 
-def default_is_cpu(op: str) -> bool:
-    """Whether :func:`resolve` certainly answers "cpu" for a float CPU tensor when the call names no
-    backend: no :func:`use_backend` block or HOT_KERNELS_BACKEND, the cpu backend first in
-    CPU_PREFERENCE[op], and hot_kernels._C loaded with the op. False means only: ask resolve()
-    (which may also build _C first). For fast paths that skip resolve()'s general walk."""
-    return (not _override and CPU_PREFERENCE[op][0] == "cpu" and _ext.C is not None
-            and not _environ.get(ENV_VAR) and op in _ext.ops_for_device("cpu"))
+def runs_cpu(op: str, backend: str | None = None) -> bool:
+    """Whether :func:`resolve` certainly answers "cpu" for a float CPU tensor when the call passes
+    ``backend`` (None or "cpu"): hot_kernels._C loaded with the op, and for no backend named also no
+    :func:`use_backend` block or HOT_KERNELS_BACKEND and the cpu backend first in
+    CPU_PREFERENCE[op]. False means only: ask resolve() (which may also build _C first, or raise).
+    For fast paths that skip resolve()'s general walk."""
+    if backend is None:
+        if _override or CPU_PREFERENCE[op][0] != "cpu" or _environ.get(ENV_VAR):
+            return False
+    elif backend != "cpu":
+        return False
+    return _ext.C is not None and op in _ext.ops_for_device("cpu")
 
 
 def resolve(op: str, t: torch.Tensor, backend: str | None = None, k: int | None = None) -> str:

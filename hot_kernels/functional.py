@@ -169,7 +169,7 @@ def dpc_knn(x: torch.Tensor, f: int, k: int = 2, token_mask: torch.Tensor | None
     returns the kept indices ascending (what HoT models do next); False: best score first (a
     kept center last). assignment[i] = position in index of the kept token nearest to token i.
     Every index row holds f distinct values in [0, N), on any input (NaN included)."""
-    if backend is None and token_mask is None and _is_plain(x, 3) and _common_case("dpc_knn"):
+    if token_mask is None and _is_plain(x, 3) and _common_case(backend, "dpc_knn"):
         B, N, C = x.shape
         if (B and N and C and _selection_args(N, f, k, center) and type(return_assignment) is bool
                 and type(sorted) is bool):
@@ -188,8 +188,8 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
     (k neighbours; center forced if given), gathers them (differentiable in x: the backward
     scatter-adds into the kept frames) and adds pos_embed ((1 or B), f, C), broadcast over joints,
     if given (differentiable too). The selection itself is not differentiable (as in HoT)."""
-    if (backend is None and _is_plain(x, 4) and (pos_embed is None or _is_plain(pos_embed, 3))
-            and _common_case("dpc_knn", "gather_frames")):
+    if (_is_plain(x, 4) and (pos_embed is None or _is_plain(pos_embed, 3))
+            and _common_case(backend, "dpc_knn", "gather_frames")):
         B, Fr, J, C = x.shape
         if (B and Fr and J and C and _selection_args(Fr, f, k, center)
                 and (pos_embed is None or (pos_embed.shape[0] in (1, B) and pos_embed.shape[1] == f
@@ -238,8 +238,9 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
 # a third of a B = 1 dpc_knn and 7 % of a B = 1 TRA. dpc_knn, token_pruning_cluster and
 # token_recovering_attention therefore first try their common case in a few steps: only calls
 # that the full path would accept unchanged and run on the cpu backend's eager path (plain CPU
-# tensors of a float dtype and valid shapes, Python ints and bools, no backend named, no mask,
-# no HOT_KERNELS_DEBUG, no autocast where it would cast, nothing observing the call). For
+# tensors of a float dtype and valid shapes, Python ints and bools, backend None (the cpu backend
+# the default) or "cpu", no mask, no HOT_KERNELS_DEBUG, no autocast where it would cast, nothing
+# observing the call). For
 # anything else the full path validates (with its messages) and dispatches as always.
 
 
@@ -256,19 +257,20 @@ def _selection_args(N: int, f, k, center) -> bool:
             and (center is None or (type(center) is int and 0 <= center < N)))
 
 
-def _common_case(op: str, op2: str | None = None) -> bool:
+def _common_case(backend, op: str, op2: str | None = None) -> bool:
     """Nothing observing the call (checked first: under torch.compile nothing after it is traced),
-    no debug checks, the cpu backend the default for op (and op2)."""
-    return (_eager.unobserved() and not V.debug_enabled() and _dispatch.default_is_cpu(op)
-            and (op2 is None or _dispatch.default_is_cpu(op2)))
+    no debug checks, and the cpu backend certainly the one that runs op (and op2) for ``backend``
+    (None or "cpu")."""
+    return (_eager.unobserved() and not V.debug_enabled() and _dispatch.runs_cpu(op, backend)
+            and (op2 is None or _dispatch.runs_cpu(op2, backend)))
 
 
 def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale, residual, backend):
-    """token_recovering_attention's common case (a shared or dense per-sequence query, weights and
-    biases of x's dtype and shapes, an int num_heads dividing C, scale None or a finite float, no
-    autocast), or None: take the full path."""
-    if (backend is not None or type(residual) is not bool or type(num_heads) is not int or num_heads < 1
-            or not _is_plain(x, 3) or not _is_plain(query, 3)):
+    """token_recovering_attention's common case (backend None or "cpu", a shared or dense
+    per-sequence query, weights and biases of x's dtype and shapes, an int num_heads dividing C,
+    scale None or a finite float, no autocast), or None: take the full path."""
+    if ((backend is not None and backend != "cpu") or type(residual) is not bool or type(num_heads) is not int
+            or num_heads < 1 or not _is_plain(x, 3) or not _is_plain(query, 3)):
         return None
     dtype = x.dtype
     S, M, C = x.shape
@@ -286,7 +288,7 @@ def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
         scale = (C // num_heads) ** -0.5
     elif type(scale) is not float or not math.isfinite(scale):
         return None
-    if torch.is_autocast_enabled("cpu") or not _common_case("token_recovering_attention"):
+    if torch.is_autocast_enabled("cpu") or not _common_case(backend, "token_recovering_attention"):
         return None
     tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):  # needs_graph

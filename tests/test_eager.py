@@ -273,8 +273,8 @@ def test_under_saved_tensor_hooks_both_paths_give_the_same_gradients():
 
 def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch):
     """functional._tra_common_case runs a plain TRA call in a few Python steps, without the full
-    path's validation and dispatch, with bitwise the full path's outputs and gradients; every
-    other call (a named backend, non-Python scalars, a bad shape or dtype, a broadcast query,
+    path's validation and dispatch, with bitwise the full path's outputs and gradients (also when it
+    names the cpu backend); every other call (another backend named, non-Python scalars, a bad shape or dtype, a broadcast query,
     S = 0, debug checks, autocast, another backend chosen) goes through the full path."""
     import numpy as np
 
@@ -290,6 +290,9 @@ def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch
     fast = run(args)
     with torch.no_grad():
         fast_no_grad = hk.token_recovering_attention(*args, num_heads=4)
+    named = run(args, backend="cpu")
+    with hk.use_backend("reference"):  # the named backend wins over use_backend
+        named_over_block = run(args, backend="cpu")
     assert full_path == []
     monkeypatch.setenv("HOT_KERNELS_DEBUG", "1")  # adds finiteness checks only: the full path, same values
     full = run(args)
@@ -297,12 +300,16 @@ def test_tra_common_case_takes_only_calls_the_full_path_would_accept(monkeypatch
     assert full_path
     assert torch.equal(fast[0], full[0]) and torch.equal(fast_no_grad, full[0])
     assert len(fast[1]) == 9 and all(torch.equal(a, b) for a, b in zip(fast[1], full[1]))
+    for other in (named, named_over_block):
+        assert torch.equal(other[0], full[0]) and all(torch.equal(a, b) for a, b in zip(other[1], full[1]))
 
     def through_full_path(fn, raises=None):
         _assert_full_path(full_path, fn, raises)
 
     detached = [a.detach() if a is not None else None for a in args]
-    through_full_path(lambda: run(args, backend="cpu"))
+    through_full_path(lambda: run(args, backend="reference"))
+    through_full_path(lambda: run(args, backend="cuda"), raises=hk.BackendUnavailableError)
+    through_full_path(lambda: run(args, backend="cpus"), raises=ValueError)
     through_full_path(lambda: run(args, scale=np.float32(0.3)))
     through_full_path(lambda: run(args, num_heads=np.int64(4)))
     through_full_path(lambda: run(args, residual=1), raises=hk.HotKernelsInputError)
@@ -369,7 +376,8 @@ def _count_full_path(monkeypatch):
 
 
 def _selection_calls():
-    """{op: (plain call, [(unusual call, expected exception or None)], differentiable inputs)}."""
+    """{op: (plain call, [(unusual call, expected exception or None)], differentiable inputs)}; the
+    plain call takes a ``backend`` argument (None or "cpu": both the common case)."""
     import numpy as np
 
     g = torch.Generator().manual_seed(11)
@@ -377,16 +385,18 @@ def _selection_calls():
     clip = torch.randn(2, 30, 3, 8, generator=g, requires_grad=True)
     pos = torch.randn(1, 9, 8, generator=g, requires_grad=True)
     mask = torch.ones(2, 30, dtype=torch.bool)
-    bad = hk.HotKernelsInputError
-    dpc = (lambda: hk.dpc_knn(x, 9, 2, center=4, return_assignment=True),
-           [(lambda: hk.dpc_knn(x, 9, backend="cpu"), None), (lambda: hk.dpc_knn(x, 9, token_mask=mask), None),
+    bad, unavailable = hk.HotKernelsInputError, hk.BackendUnavailableError
+    dpc = (lambda backend=None: hk.dpc_knn(x, 9, 2, center=4, return_assignment=True, backend=backend),
+           [(lambda: hk.dpc_knn(x, 9, backend="reference"), None), (lambda: hk.dpc_knn(x, 9, backend="cuda"), unavailable),
+            (lambda: hk.dpc_knn(x, 9, token_mask=mask), None),
             (lambda: hk.dpc_knn(x, np.int64(9)), None), (lambda: hk.dpc_knn(x, 9, center=np.int32(3)), None),
             (lambda: hk.dpc_knn(x, 31), bad), (lambda: hk.dpc_knn(x, 9, 0), bad),
             (lambda: hk.dpc_knn(x, 9, center=30), bad), (lambda: hk.dpc_knn(x[0], 9), bad),
             (lambda: hk.dpc_knn(x, 9, return_assignment=1), bad), (lambda: hk.dpc_knn(x[:, :0], 1), bad),
             (lambda: hk.dpc_knn(x.to(torch.int32), 9), bad)], [])
-    tpc = (lambda: hk.token_pruning_cluster(clip, 9, 2, center=4, pos_embed=pos),
-           [(lambda: hk.token_pruning_cluster(clip, 9, backend="cpu"), None),
+    tpc = (lambda backend=None: hk.token_pruning_cluster(clip, 9, 2, center=4, pos_embed=pos, backend=backend),
+           [(lambda: hk.token_pruning_cluster(clip, 9, backend="reference"), None),
+            (lambda: hk.token_pruning_cluster(clip, 9, backend="cuda"), unavailable),
             (lambda: hk.token_pruning_cluster(clip, 9, pos_embed=pos[:, :8]), bad),
             (lambda: hk.token_pruning_cluster(clip, 9, pos_embed=pos.double()), bad),
             (lambda: hk.token_pruning_cluster(clip, 9, pos_embed=pos[0]), bad),
@@ -408,12 +418,14 @@ def test_selection_common_case_takes_only_calls_the_full_path_would_accept(op, m
     full_path = _count_full_path(monkeypatch)
     plain, unusual, leaves = _selection_calls()[op]
     fast = _flat(plain())
+    named = _flat(plain("cpu"))
     assert full_path == []
     monkeypatch.setenv("HOT_KERNELS_DEBUG", "1")  # adds value checks only: the full path, same values
     full = _flat(plain())
     monkeypatch.delenv("HOT_KERNELS_DEBUG")
     assert full_path
     assert len(fast) == len(full) and all(torch.equal(a, b) for a, b in zip(fast, full))
+    assert len(named) == len(full) and all(torch.equal(a, b) for a, b in zip(named, full))
     if leaves:  # the gather's gradients too
         g_fast = torch.autograd.grad(fast[0].sum(), leaves)
         g_full = torch.autograd.grad(full[0].sum(), leaves)
