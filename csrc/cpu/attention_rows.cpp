@@ -3,7 +3,7 @@
 // TRA attends L query rows (a clip's frames, 243) to the M tokens kept by the pruning (81): few keys,
 // narrow heads (d = 32 or 64). ATen's CPU flash attention runs such a head as small GEMM calls with
 // an online softmax; here a head's keys are packed whole into per-task scratch (K^T scaled, V padded
-// to whole vectors) and every block of kR query rows is one register-blocked pass: logits, an exact
+// to whole vectors) and every block of query rows is one register-blocked pass: logits, an exact
 // softmax over the whole row (no rescaling), and the weighted sum of V. The backward gives one task a
 // whole (sequence, head): dK and dV accumulate in its scratch over the row blocks in order, so no
 // two threads write the same element and the sums do not depend on the thread count.
@@ -42,7 +42,7 @@ namespace attn {
 namespace {
 
 constexpr int64_t kPad = 16;  // head channels are padded to a multiple of this (whole vectors on every path)
-constexpr int kR = 4;          // query rows per register block
+constexpr int kR = 4;          // query rows per register block (the AVX2 forward: 6, kRF in the kernels)
 constexpr int64_t kTaskRows = 64;   // query rows per forward task when (sequence, head) pairs are few
 constexpr int64_t kMaxKeysTimesWidth = int64_t(1) << 18;  // per-task scratch bound (supported())
 constexpr double kLog2e = 1.4426950408889634;  // log2(e)

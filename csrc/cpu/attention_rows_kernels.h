@@ -4,14 +4,22 @@
 // 1 (AVX2 + FMA) or 0 (the baseline). No include guard, on purpose.
 //
 // Vectors: 16 lanes in zmm (AVX-512), 8 in ymm (AVX2), 4 in xmm (baseline SSE2). Register blocks:
-// kR query rows at a time; the logits hold up to kMaxV vectors of keys per row in registers (AVX-512:
-// 4 rows x 6 vectors = the 96 padded keys of HoT's M = 81 in one pass; AVX2: 4 x 3; the baseline: 4 x 2),
-// the weighted sums up to kSumV vectors of channels.
+// R query rows at a time (kRF in the forward, kR in the backward); the logits hold up to max_v(R)
+// vectors of keys per row in registers (AVX-512: 4 rows x 6 vectors = the 96 padded keys of HoT's
+// M = 81 in one pass; AVX2: 6 x 2 forward, 4 x 3 backward; the baseline: 4 x 2), the weighted sums up
+// to kSumV vectors of channels.
 constexpr int kW = kIsa == 2 ? 16 : kIsa == 1 ? 8 : 4;
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
-constexpr int kMaxV = kIsa == 2 ? 6 : kIsa == 1 ? 3 : 2;
+// The logits' register block: R rows x max_v(R) vectors of keys, 24 accumulators on AVX-512
+// (R = 4: 6 vectors), 12 on AVX2 (R = 4: 3; R = 6: 2), 8 on the baseline (2).
+constexpr int max_v(int R) { return (kIsa == 2 ? 24 : kIsa == 1 ? 12 : 8) / R; }
 constexpr int kSumV = kIsa == 2 ? 4 : 2;
+// Query rows per register block of the forward: 6 on AVX2, where 4 rows left the weighted sums 4 x 2
+// accumulators (no more chains than FMA latency x ports) and 6 x 2 still fit 16 registers with their
+// operands (bare forward, HoT's shapes at B = 1, 2 threads: 1-2 % faster than 4 rows). kR (4) on the
+// other paths and in the backward.
+constexpr int kRF = kIsa == 1 ? 6 : kR;
 static_assert(kPad % kW == 0, "padding must be whole vectors");
 // Keys are padded to whole vectors of this path (at least 8): HoT's M = 81 takes 96 keys on the
 // AVX-512 path and 88 on the others. The padding keys' logits are -inf, their probabilities exactly
@@ -155,20 +163,20 @@ HK_HOT_IMPL void pack_transposed(const float* first, int64_t ld, int64_t M, int6
   }
 }
 
-// acc[r][t] = sum_k a[r][k] * b[k][col0 + t * kW ...] over k < K: kR rows (a[r], K values each) times
+// acc[r][t] = sum_k a[r][k] * b[k][col0 + t * kW ...] over k < K: R rows (a[r], K values each) times
 // the kV vectors of columns from col0 of b (K rows at stride ldb), in registers. The micro-kernel of
 // the logits (Q K^T), the weighted sums (P V) and dQ (dS K). kSplit: even and odd k go to separate
-// accumulators, added at the end (twice the FMA chains in flight, where kR * kV alone is too few to
+// accumulators, added at the end (twice the FMA chains in flight, where R * kV alone is too few to
 // hide the FMA latency and the register file has room for both sets).
-template <int kV, bool kSplit = false>
+template <int R, int kV, bool kSplit = false>
 HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t ldb, int64_t K, int64_t col0,
-                                  vf (&acc)[kR][kV]) {
+                                  vf (&acc)[R][kV]) {
   constexpr int kS = kSplit ? 2 : 1;
-  vf part[kS][kR][kV];
+  vf part[kS][R][kV];
 #pragma GCC unroll 2
   for (int u = 0; u < kS; ++u)
 #pragma GCC unroll 8
-    for (int r = 0; r < kR; ++r)
+    for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
       for (int t = 0; t < kV; ++t) part[u][r][t] = vf{};
   auto step = [&](int u, int64_t k) __attribute__((always_inline)) {
@@ -176,7 +184,7 @@ HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t
 #pragma GCC unroll 8
     for (int t = 0; t < kV; ++t) bk[t] = vload(b + k * ldb + col0 + t * kW);
 #pragma GCC unroll 8
-    for (int r = 0; r < kR; ++r) {
+    for (int r = 0; r < R; ++r) {
       const vf ar = vsplat(a[r][k]);
 #pragma GCC unroll 8
       for (int t = 0; t < kV; ++t) part[u][r][t] = fmadd(ar, bk[t], part[u][r][t]);
@@ -191,23 +199,23 @@ HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t
   }
   for (; k < K; ++k) step(0, k);
 #pragma GCC unroll 8
-  for (int r = 0; r < kR; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < kV; ++t) acc[r][t] = kSplit ? part[0][r][t] + part[kS - 1][r][t] : part[0][r][t];
 }
 
-// s (kR rows of mp) = rows a[r] (d channels) times bt (d rows of mp) + bias (mp: 0, or -inf at the
+// s (R rows of mp) = rows a[r] (d channels) times bt (d rows of mp) + bias (mp: 0, or -inf at the
 // padding keys), for the kV vectors of keys from j0; mx[r] = the lane-wise max over them, folded in.
-template <int kV>
+template <int R, int kV>
 HK_HOT_IMPL void logits_cols(const float* const* a, const float* bt, const float* bias, int64_t mp, int64_t d,
                              int64_t j0, float* s, vf* mx) {
-  vf acc[kR][kV];
-  rows_times_block<kV>(a, bt, mp, d, j0, acc);
+  vf acc[R][kV];
+  rows_times_block<R, kV>(a, bt, mp, d, j0, acc);
 #pragma GCC unroll 8
   for (int t = 0; t < kV; ++t) {
     const vf bt_ = vload(bias + j0 + t * kW);
 #pragma GCC unroll 8
-    for (int r = 0; r < kR; ++r) {
+    for (int r = 0; r < R; ++r) {
       const vf v = acc[r][t] + bt_;
       vstore(s + r * mp + j0 + t * kW, v);
       mx[r] = vmax(mx[r], v);
@@ -215,58 +223,61 @@ HK_HOT_IMPL void logits_cols(const float* const* a, const float* bt, const float
   }
 }
 
-// The last (fewer than kMaxV) vectors of keys from j0: nv of them, one register pass.
-template <int kV>
+// The last (fewer than max_v(R)) vectors of keys from j0: nv of them, one register pass.
+template <int R, int kV>
 HK_HOT_IMPL void logits_tail(int64_t nv, const float* const* a, const float* bt, const float* bias, int64_t mp,
                              int64_t d, int64_t j0, float* s, vf* mx) {
   if constexpr (kV >= 1) {
     if (nv == kV)
-      logits_cols<kV>(a, bt, bias, mp, d, j0, s, mx);
+      logits_cols<R, kV>(a, bt, bias, mp, d, j0, s, mx);
     else
-      logits_tail<kV - 1>(nv, a, bt, bias, mp, d, j0, s, mx);
+      logits_tail<R, kV - 1>(nv, a, bt, bias, mp, d, j0, s, mx);
   }
 }
 
-// The logits of kR rows over every key (see logits_cols); returns the row maxima in m.
+// The logits of R rows over every key (see logits_cols); returns the row maxima in m.
+template <int R>
 HK_HOT_IMPL void logits(const float* const* a, const float* bt, const float* bias, int64_t mp, int64_t d, float* s,
                         float* m) {
-  vf mx[kR];
-  for (int r = 0; r < kR; ++r) mx[r] = vsplat(-std::numeric_limits<float>::infinity());
+  constexpr int kMaxV = max_v(R);
+  vf mx[R];
+  for (int r = 0; r < R; ++r) mx[r] = vsplat(-std::numeric_limits<float>::infinity());
   int64_t j0 = 0;
-  for (; j0 + kMaxV * kW <= mp; j0 += kMaxV * kW) logits_cols<kMaxV>(a, bt, bias, mp, d, j0, s, mx);
-  logits_tail<kMaxV - 1>((mp - j0) / kW, a, bt, bias, mp, d, j0, s, mx);
-  for (int r = 0; r < kR; ++r) m[r] = hmax(mx[r]);
+  for (; j0 + kMaxV * kW <= mp; j0 += kMaxV * kW) logits_cols<R, kMaxV>(a, bt, bias, mp, d, j0, s, mx);
+  logits_tail<R, kMaxV - 1>((mp - j0) / kW, a, bt, bias, mp, d, j0, s, mx);
+  for (int r = 0; r < R; ++r) m[r] = hmax(mx[r]);
 }
 
-// y (kR rows of dp) = (rows p[r] (M values each) times b (M rows of dp)) * mul[r], for the kV vectors
+// y (R rows of dp) = (rows p[r] (M values each) times b (M rows of dp)) * mul[r], for the kV vectors
 // of channels from c0.
-template <int kV, bool kSplit>
+template <int R, int kV, bool kSplit>
 HK_HOT_IMPL void combine_cols(const float* const* p, const float* b, int64_t M, int64_t dp, int64_t c0,
                               const float* mul, float* y) {
-  vf acc[kR][kV];
-  rows_times_block<kV, kSplit>(p, b, dp, M, c0, acc);
+  vf acc[R][kV];
+  rows_times_block<R, kV, kSplit>(p, b, dp, M, c0, acc);
 #pragma GCC unroll 8
-  for (int r = 0; r < kR; ++r) {
+  for (int r = 0; r < R; ++r) {
     const vf mr = vsplat(mul[r]);
 #pragma GCC unroll 8
     for (int t = 0; t < kV; ++t) vstore(y + r * dp + c0 + t * kW, acc[r][t] * mr);
   }
 }
 
-// y (kR rows of dp) = (p (kR rows at stride mp, M used) times b (M rows of dp)) * mul[r].
+// y (R rows of dp) = (p (R rows at stride mp, M used) times b (M rows of dp)) * mul[r].
+template <int R>
 HK_HOT_IMPL void combine(const float* p, int64_t mp, const float* b, int64_t M, int64_t dp, const float* mul,
                          float* y) {
-  const float* rows[kR];
-  for (int r = 0; r < kR; ++r) rows[r] = p + r * mp;
+  const float* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = p + r * mp;
   int64_t c0 = 0;
   // 32 registers: room for two sets of 4 x 2 (measured interleaved, TRA at B = 1, C = 128 / 256:
   // 1-2 % faster forward and forward+backward than one set).
   constexpr bool kSplit = kIsa == 2;
-  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) combine_cols<kSumV, false>(rows, b, M, dp, c0, mul, y);
+  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) combine_cols<R, kSumV, false>(rows, b, M, dp, c0, mul, y);
   if constexpr (kSumV > 2) {
-    if (c0 + 2 * kW <= dp) combine_cols<2, kSplit>(rows, b, M, dp, c0, mul, y), c0 += 2 * kW;
+    if (c0 + 2 * kW <= dp) combine_cols<R, 2, kSplit>(rows, b, M, dp, c0, mul, y), c0 += 2 * kW;
   }
-  for (; c0 < dp; c0 += kW) combine_cols<1, kSplit>(rows, b, M, dp, c0, mul, y);
+  for (; c0 < dp; c0 += kW) combine_cols<R, 1, kSplit>(rows, b, M, dp, c0, mul, y);
 }
 
 // acc (M rows of dp) += p^T a: acc_j += sum_r p[r][j] a_r, r in order (a: kR rows of dp), for the
@@ -308,37 +319,37 @@ HK_HOT_IMPL void accumulate(const float* p, int64_t mp, const float* a, int64_t 
 void forward_task(const Geometry& g, int64_t s, int64_t h, int64_t i0, int64_t i1, float* o, float* lse) {
   const int64_t mp = g.mp, dp = g.dp, M = g.M, d = g.d;
   tpc::AlignedBuf<float> buf;
-  buf.assign_zero(d * mp + M * dp + mp + kR * mp + kR * dp);
+  buf.assign_zero(d * mp + M * dp + mp + kRF * mp + kRF * dp);
   float* kt = buf.data();    // (d, mp): K^T * scale * log2(e), zero padding columns
   float* vp = kt + d * mp;   // (M, dp): V, zero padding channels
   float* bias = vp + M * dp; // (mp): 0 at the keys, -inf at the padding
-  float* sb = bias + mp;     // (kR, mp): base-2 logits, then 2^(logit - max)
-  float* yb = sb + kR * mp;  // (kR, dp): output rows
+  float* sb = bias + mp;     // (kRF, mp): base-2 logits, then 2^(logit - max)
+  float* yb = sb + kRF * mp;  // (kRF, dp): output rows
   pack_transposed(g.k_row(s, h, 0), 2 * g.C, M, d, mp, g.scale_log2, kt);
   pack_rows(g, g.v_row(s, h, 0), vp);
   std::fill(bias + M, bias + mp, -std::numeric_limits<float>::infinity());
-  for (int64_t i = i0; i < i1; i += kR) {
-    const int rows = static_cast<int>(std::min<int64_t>(kR, i1 - i));
-    const float* a[kR];  // query rows in place; rows past i1 repeat the last one (not stored)
-    for (int r = 0; r < kR; ++r) a[r] = g.q_row(s, h, i + std::min(r, rows - 1));
-    float m[kR], inv[kR];
-    logits(a, kt, bias, mp, d, sb, m);
+  for (int64_t i = i0; i < i1; i += kRF) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRF, i1 - i));
+    const float* a[kRF];  // query rows in place; rows past i1 repeat the last one (not stored)
+    for (int r = 0; r < kRF; ++r) a[r] = g.q_row(s, h, i + std::min(r, rows - 1));
+    float m[kRF], inv[kRF];
+    logits<kRF>(a, kt, bias, mp, d, sb, m);
     // A row whose logits are all -inf (infinite inputs) has no finite maximum: it comes out NaN.
-    vf sum[kR];
-    for (int r = 0; r < kR; ++r) sum[r] = vf{};
+    vf sum[kRF];
+    for (int r = 0; r < kRF; ++r) sum[r] = vf{};
     for (int64_t j = 0; j < mp; j += kW)
 #pragma GCC unroll 8
-      for (int r = 0; r < kR; ++r) {
+      for (int r = 0; r < kRF; ++r) {
         const vf e = vexp2(vload(sb + r * mp + j) - vsplat(m[r]));
         vstore(sb + r * mp + j, e);
         sum[r] += e;
       }
-    for (int r = 0; r < kR; ++r) {
+    for (int r = 0; r < kRF; ++r) {
       const float total = hsum(sum[r]);
       inv[r] = 1.0f / total;
       if (r < rows) lse[i + r] = m[r] * kLn2 + std::log(total);  // m is in base-2 units
     }
-    combine(sb, mp, vp, M, dp, inv, yb);
+    combine<kRF>(sb, mp, vp, M, dp, inv, yb);
     for (int r = 0; r < rows; ++r) copy_floats(o + (i + r) * g.C + h * d, yb + r * dp, d);
   }
 }
@@ -391,8 +402,8 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
         delta[r] = vf{};
       }
     }
-    logits(qrows, kt, bias, mp, d, pb, m_unused);
-    logits(grows, vt, zero, mp, d, db, m_unused);  // dP (0 at the padding, where P is 0)
+    logits<kR>(qrows, kt, bias, mp, d, pb, m_unused);
+    logits<kR>(grows, vt, zero, mp, d, db, m_unused);  // dP (0 at the padding, where P is 0)
     const vf sc = vsplat(g.scale);
     for (int64_t j = 0; j < mp; j += kW)
 #pragma GCC unroll 8
@@ -404,7 +415,7 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
       }
     accumulate(pb, mp, gb, M, dp, dv);           // dV += P^T dO
     accumulate(db, mp, qb, M, dp, dk);           // dK += dS^T Q * scale
-    combine(db, mp, kp, M, dp, ones, yb);        // dQ = dS K * scale
+    combine<kR>(db, mp, kp, M, dp, ones, yb);        // dQ = dS K * scale
     for (int r = 0; r < rows; ++r) copy_floats(dq + (s * L + i + r) * C + h * d, yb + r * dp, d);
   }
   for (int64_t j = 0; j < M; ++j) {
