@@ -506,7 +506,9 @@ def test_tra_cpu_gemm_tiles_and_split_reductions(backend, dtype, shared):
 # 96); head widths that are not whole vectors (d = 20, 40) or several passes (d = 80); L below and
 # not a multiple of the 4-row block; few (sequence, head) pairs (the rows then split into tasks); and
 # M * d past the core's scratch bound (M = 4100, d = 64), where float32 runs on ATen's attention;
-# and a batch whose backward runs in two chunks of sequences (S * L * C past its 128 MB budget).
+# a batch whose backward runs in two chunks of sequences (S * L * C past its 128 MB budget); and a
+# clip whose backward tasks take their query rows in 13 chunks (P and dS of 3000 rows x 200 keys
+# past the 512 KB per-task budget).
 TRA_ROWS_CASES = [
     # S, L, M, C, heads, shared, bias, residual
     (3, 2, 1, 40, 2, True, True, True),
@@ -516,6 +518,7 @@ TRA_ROWS_CASES = [
     (2, 9, 130, 120, 3, False, False, True),
     (1, 3, 4100, 64, 1, True, True, True),
     (90, 1000, 8, 64, 2, False, False, True),  # no bk: its gradient is 0 in exact arithmetic, noise here
+    (1, 3000, 200, 64, 1, True, False, True),  # no bk, as above
 ]
 
 

@@ -5,7 +5,7 @@
 // an online softmax; here a head's keys are packed whole into per-task scratch (K^T scaled, V padded
 // to whole vectors) and every block of query rows is one register-blocked pass: logits, an exact
 // softmax over the whole row (no rescaling), and the weighted sum of V. The backward gives one task a
-// whole (sequence, head): dK and dV accumulate in its scratch over the row blocks in order, so no
+// whole (sequence, head): P and dS for all its rows, then dK and dV summed over the rows in order, so no
 // two threads write the same element and the sums do not depend on the thread count.
 //
 // Instruction-set paths (tpc_common.h's cpu_isa): the kernels (attention_rows_kernels.h) are
@@ -42,9 +42,12 @@ namespace attn {
 namespace {
 
 constexpr int64_t kPad = 16;  // head channels are padded to a multiple of this (whole vectors on every path)
-constexpr int kR = 4;          // query rows per register block (the AVX2 forward: 6, kRF in the kernels)
 constexpr int64_t kTaskRows = 64;   // query rows per forward task when (sequence, head) pairs are few
 constexpr int64_t kMaxKeysTimesWidth = int64_t(1) << 18;  // per-task scratch bound (supported())
+// The backward's per-task scratch for P and dS (and the rows they multiply) in a chunk of query rows:
+// every row of HoT's shapes in one chunk (L = 243, up to 96 keys of 64 channels: 311 KB), long clips
+// in chunks of this size instead of L x keys.
+constexpr int64_t kBackwardChunkBytes = int64_t(512) << 10;
 constexpr double kLog2e = 1.4426950408889634;  // log2(e)
 constexpr float kLn2 = 0.693147180559945309f;  // ln(2)
 

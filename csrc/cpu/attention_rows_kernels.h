@@ -4,9 +4,9 @@
 // 1 (AVX2 + FMA) or 0 (the baseline). No include guard, on purpose.
 //
 // Vectors: 16 lanes in zmm (AVX-512), 8 in ymm (AVX2), 4 in xmm (baseline SSE2). Register blocks:
-// R query rows at a time (kRF in the forward, kR in the backward); the logits hold up to max_v(R)
+// kR query rows at a time (R in the helpers); the logits hold up to max_v(R)
 // vectors of keys per row in registers (AVX-512: 4 rows x 6 vectors = the 96 padded keys of HoT's
-// M = 81 in one pass; AVX2: 6 x 2 forward, 4 x 3 backward; the baseline: 4 x 2), the weighted sums up
+// M = 81 in one pass; AVX2: 6 x 2; the baseline: 4 x 2), the weighted sums up
 // to kSumV vectors of channels.
 constexpr int kW = kIsa == 2 ? 16 : kIsa == 1 ? 8 : 4;
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
@@ -15,11 +15,10 @@ typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
 // (R = 4: 6 vectors), 12 on AVX2 (R = 4: 3; R = 6: 2), 8 on the baseline (2).
 constexpr int max_v(int R) { return (kIsa == 2 ? 24 : kIsa == 1 ? 12 : 8) / R; }
 constexpr int kSumV = kIsa == 2 ? 4 : 2;
-// Query rows per register block of the forward: 6 on AVX2, where 4 rows left the weighted sums 4 x 2
-// accumulators (no more chains than FMA latency x ports) and 6 x 2 still fit 16 registers with their
-// operands (bare forward, HoT's shapes at B = 1, 2 threads: 1-2 % faster than 4 rows). kR (4) on the
-// other paths and in the backward.
-constexpr int kRF = kIsa == 1 ? 6 : kR;
+// Query rows per register block: 6 on AVX2, where 4 rows left the weighted sums 4 x 2 accumulators
+// (no more chains than FMA latency x ports) and 6 x 2 still fit 16 registers with their operands
+// (bare forward, HoT's shapes at B = 1, 2 threads: 1-2 % faster than 4 rows); 4 on the other paths.
+constexpr int kR = kIsa == 1 ? 6 : 4;
 static_assert(kPad % kW == 0, "padding must be whole vectors");
 // Keys are padded to whole vectors of this path (at least 8): HoT's M = 81 takes 96 keys on the
 // AVX-512 path and 88 on the others. The padding keys' logits are -inf, their probabilities exactly
@@ -163,14 +162,15 @@ HK_HOT_IMPL void pack_transposed(const float* first, int64_t ld, int64_t M, int6
   }
 }
 
-// acc[r][t] = sum_k a[r][k] * b[k][col0 + t * kW ...] over k < K: R rows (a[r], K values each) times
-// the kV vectors of columns from col0 of b (K rows at stride ldb), in registers. The micro-kernel of
-// the logits (Q K^T), the weighted sums (P V) and dQ (dS K). kSplit: even and odd k go to separate
-// accumulators, added at the end (twice the FMA chains in flight, where R * kV alone is too few to
-// hide the FMA latency and the register file has room for both sets).
-template <int R, int kV, bool kSplit = false>
-HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t ldb, int64_t K, int64_t col0,
-                                  vf (&acc)[R][kV]) {
+// acc[r][t] (+)= sum_k a_at(r, k) * b[k][col0 + t * kW ...] over k < K in order: R rows of a
+// (a_at(r, k) reads element (r, k)) times the kV vectors of columns from col0 of b (K rows at stride
+// ldb), in registers; kAcc: the sums continue from acc's values. The micro-kernel of every product in
+// the attention. kSplit: even and odd k go to separate accumulators, added at the end (twice the FMA
+// chains in flight, where R * kV alone is too few to hide the FMA latency and the register file has
+// room for both sets).
+template <int R, int kV, bool kSplit, bool kAcc, class At>
+HK_HOT_IMPL void block_product(const At& a_at, const float* b, int64_t ldb, int64_t K, int64_t col0,
+                               vf (&acc)[R][kV]) {
   constexpr int kS = kSplit ? 2 : 1;
   vf part[kS][R][kV];
 #pragma GCC unroll 2
@@ -178,14 +178,14 @@ HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-      for (int t = 0; t < kV; ++t) part[u][r][t] = vf{};
+      for (int t = 0; t < kV; ++t) part[u][r][t] = kAcc && u == 0 ? acc[r][t] : vf{};
   auto step = [&](int u, int64_t k) __attribute__((always_inline)) {
     vf bk[kV];
 #pragma GCC unroll 8
     for (int t = 0; t < kV; ++t) bk[t] = vload(b + k * ldb + col0 + t * kW);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const vf ar = vsplat(a[r][k]);
+      const vf ar = vsplat(a_at(r, k));
 #pragma GCC unroll 8
       for (int t = 0; t < kV; ++t) part[u][r][t] = fmadd(ar, bk[t], part[u][r][t]);
     }
@@ -202,6 +202,24 @@ HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
     for (int t = 0; t < kV; ++t) acc[r][t] = kSplit ? part[0][r][t] + part[kS - 1][r][t] : part[0][r][t];
+}
+
+// block_product over rows a[r] (K values each): the logits (Q K^T), the weighted sums (P V), dQ (dS K).
+template <int R, int kV, bool kSplit = false>
+HK_HOT_IMPL void rows_times_block(const float* const* a, const float* b, int64_t ldb, int64_t K, int64_t col0,
+                                  vf (&acc)[R][kV]) {
+  block_product<R, kV, kSplit, false>([a](int r, int64_t k) __attribute__((always_inline)) { return a[r][k]; }, b,
+                                      ldb, K, col0, acc);
+}
+
+// acc += block_product over the R columns from j0 of a (K rows at stride lda), i.e. rows of a^T: dV
+// (P^T dO) and dK (dS^T Q).
+template <int R, int kV, bool kSplit = false>
+HK_HOT_IMPL void cols_times_block(const float* a, int64_t lda, int64_t j0, const float* b, int64_t ldb, int64_t K,
+                                  int64_t col0, vf (&acc)[R][kV]) {
+  const float* a0 = a + j0;
+  block_product<R, kV, kSplit, true>(
+      [a0, lda](int r, int64_t k) __attribute__((always_inline)) { return a0[k * lda + r]; }, b, ldb, K, col0, acc);
 }
 
 // s (R rows of mp) = rows a[r] (d channels) times bt (d rows of mp) + bias (mp: 0, or -inf at the
@@ -280,37 +298,38 @@ HK_HOT_IMPL void combine(const float* p, int64_t mp, const float* b, int64_t M, 
   for (; c0 < dp; c0 += kW) combine_cols<R, 1, kSplit>(rows, b, M, dp, c0, mul, y);
 }
 
-// acc (M rows of dp) += p^T a: acc_j += sum_r p[r][j] a_r, r in order (a: kR rows of dp), for the
-// kV vectors of channels from c0.
-template <int kV>
-HK_HOT_IMPL void accumulate_cols(const float* p, int64_t mp, const float* a, int64_t M, int64_t dp, int64_t c0,
-                                 float* acc) {
-  vf ar[kR][kV];
+// acc (rows j < M of dp, and rows up to the next multiple of R) += a^T b: acc_j += sum_k a[k][j] b_k
+// over the K rows in order (a: K rows at stride lda; b: K rows of dp), for the kV vectors of channels
+// from c0 of the R keys from j0. The rows past M are computed too (not used): their reads run up to
+// R - 1 floats past column M - 1 of a row, which must be readable (the next row, or slack after the
+// last).
+template <int R, int kV, bool kSplit>
+HK_HOT_IMPL void transposed_cols(const float* a, int64_t lda, const float* b, int64_t dp, int64_t K, int64_t j0,
+                                 int64_t c0, float* acc_rows) {
+  vf acc[R][kV];
 #pragma GCC unroll 8
-  for (int r = 0; r < kR; ++r)
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int t = 0; t < kV; ++t) ar[r][t] = vload(a + r * dp + c0 + t * kW);
-  for (int64_t j = 0; j < M; ++j) {
-    vf pj[kR];
+    for (int t = 0; t < kV; ++t) acc[r][t] = vload(acc_rows + (j0 + r) * dp + c0 + t * kW);
+  cols_times_block<R, kV, kSplit>(a, lda, j0, b, dp, K, c0, acc);
 #pragma GCC unroll 8
-    for (int r = 0; r < kR; ++r) pj[r] = vsplat(p[r * mp + j]);
+  for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int t = 0; t < kV; ++t) {
-      vf v = vload(acc + j * dp + c0 + t * kW);
-#pragma GCC unroll 8
-      for (int r = 0; r < kR; ++r) v = fmadd(pj[r], ar[r][t], v);
-      vstore(acc + j * dp + c0 + t * kW, v);
-    }
-  }
+    for (int t = 0; t < kV; ++t) vstore(acc_rows + (j0 + r) * dp + c0 + t * kW, acc[r][t]);
 }
 
-HK_HOT_IMPL void accumulate(const float* p, int64_t mp, const float* a, int64_t M, int64_t dp, float* acc) {
-  int64_t c0 = 0;
-  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) accumulate_cols<kSumV>(p, mp, a, M, dp, c0, acc);
-  if constexpr (kSumV > 2) {
-    if (c0 + 2 * kW <= dp) accumulate_cols<2>(p, mp, a, M, dp, c0, acc), c0 += 2 * kW;
+template <int R>
+HK_HOT_IMPL void transposed_product(const float* a, int64_t lda, const float* b, int64_t dp, int64_t K, int64_t M,
+                                    float* acc_rows) {
+  constexpr bool kSplit = kIsa == 2;  // as in combine
+  for (int64_t j0 = 0; j0 < M; j0 += R) {
+    int64_t c0 = 0;
+    for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) transposed_cols<R, kSumV, false>(a, lda, b, dp, K, j0, c0, acc_rows);
+    if constexpr (kSumV > 2) {
+      if (c0 + 2 * kW <= dp) transposed_cols<R, 2, kSplit>(a, lda, b, dp, K, j0, c0, acc_rows), c0 += 2 * kW;
+    }
+    for (; c0 < dp; c0 += kW) transposed_cols<R, 1, kSplit>(a, lda, b, dp, K, j0, c0, acc_rows);
   }
-  for (; c0 < dp; c0 += kW) accumulate_cols<1>(p, mp, a, M, dp, c0, acc);
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -319,104 +338,133 @@ HK_HOT_IMPL void accumulate(const float* p, int64_t mp, const float* a, int64_t 
 void forward_task(const Geometry& g, int64_t s, int64_t h, int64_t i0, int64_t i1, float* o, float* lse) {
   const int64_t mp = g.mp, dp = g.dp, M = g.M, d = g.d;
   tpc::AlignedBuf<float> buf;
-  buf.assign_zero(d * mp + M * dp + mp + kRF * mp + kRF * dp);
+  buf.assign_zero(d * mp + M * dp + mp + kR * mp + kR * dp);
   float* kt = buf.data();    // (d, mp): K^T * scale * log2(e), zero padding columns
   float* vp = kt + d * mp;   // (M, dp): V, zero padding channels
   float* bias = vp + M * dp; // (mp): 0 at the keys, -inf at the padding
-  float* sb = bias + mp;     // (kRF, mp): base-2 logits, then 2^(logit - max)
-  float* yb = sb + kRF * mp;  // (kRF, dp): output rows
+  float* sb = bias + mp;     // (kR, mp): base-2 logits, then 2^(logit - max)
+  float* yb = sb + kR * mp;  // (kR, dp): output rows
   pack_transposed(g.k_row(s, h, 0), 2 * g.C, M, d, mp, g.scale_log2, kt);
   pack_rows(g, g.v_row(s, h, 0), vp);
   std::fill(bias + M, bias + mp, -std::numeric_limits<float>::infinity());
-  for (int64_t i = i0; i < i1; i += kRF) {
-    const int rows = static_cast<int>(std::min<int64_t>(kRF, i1 - i));
-    const float* a[kRF];  // query rows in place; rows past i1 repeat the last one (not stored)
-    for (int r = 0; r < kRF; ++r) a[r] = g.q_row(s, h, i + std::min(r, rows - 1));
-    float m[kRF], inv[kRF];
-    logits<kRF>(a, kt, bias, mp, d, sb, m);
+  for (int64_t i = i0; i < i1; i += kR) {
+    const int rows = static_cast<int>(std::min<int64_t>(kR, i1 - i));
+    const float* a[kR];  // query rows in place; rows past i1 repeat the last one (not stored)
+    for (int r = 0; r < kR; ++r) a[r] = g.q_row(s, h, i + std::min(r, rows - 1));
+    float m[kR], inv[kR];
+    logits<kR>(a, kt, bias, mp, d, sb, m);
     // A row whose logits are all -inf (infinite inputs) has no finite maximum: it comes out NaN.
-    vf sum[kRF];
-    for (int r = 0; r < kRF; ++r) sum[r] = vf{};
+    vf sum[kR];
+    for (int r = 0; r < kR; ++r) sum[r] = vf{};
     for (int64_t j = 0; j < mp; j += kW)
 #pragma GCC unroll 8
-      for (int r = 0; r < kRF; ++r) {
+      for (int r = 0; r < kR; ++r) {
         const vf e = vexp2(vload(sb + r * mp + j) - vsplat(m[r]));
         vstore(sb + r * mp + j, e);
         sum[r] += e;
       }
-    for (int r = 0; r < kRF; ++r) {
+    for (int r = 0; r < kR; ++r) {
       const float total = hsum(sum[r]);
       inv[r] = 1.0f / total;
       if (r < rows) lse[i + r] = m[r] * kLn2 + std::log(total);  // m is in base-2 units
     }
-    combine<kRF>(sb, mp, vp, M, dp, inv, yb);
+    combine<kR>(sb, mp, vp, M, dp, inv, yb);
     for (int r = 0; r < rows; ++r) copy_floats(o + (i + r) * g.C + h * d, yb + r * dp, d);
   }
 }
 
 // ---- backward -------------------------------------------------------------------------------
 
-// The whole (sequence s, head h): dq rows (of this sequence) and the head's dK | dV rows.
+// The whole (sequence s, head h): dq rows (of this sequence) and the head's dK | dV rows. The rows
+// go in chunks of at most kBackwardChunkBytes of scratch (all L rows at HoT's shapes), in two passes
+// each. The first, per block of kR query rows: P and dS * scale, kept for the chunk's rows, and the
+// block's dQ = dS K * scale. The second: dV += P^T dO and dK += dS^T Q * scale over the chunk's rows,
+// kR keys x up to kSumV vectors of channels in registers (each sum over the rows in row order). No two
+// tasks write the same element; nothing depends on the thread count.
 void backward_task(const Geometry& g, const float* dO, const float* o, const float* lse, int64_t s, int64_t h,
                    float* dq, float* dkv) {
+  constexpr int R = kR;
   const int64_t mp = g.mp, dp = g.dp, M = g.M, d = g.d, L = g.L, C = g.C;
-  tpc::AlignedBuf<float> buf;
-  buf.assign_zero(2 * d * mp + 3 * M * dp + 2 * mp + 2 * kR * dp + 2 * kR * mp + kR * dp);
-  float* kt = buf.data();     // (d, mp): K^T * scale * log2(e)
+  const int64_t Mr = round_up(M, R);
+  // Rows per chunk: whole blocks, within the budget (at least one block).
+  const int64_t per_row = 2 * (mp + dp) * int64_t(sizeof(float));
+  const int64_t Lc = std::min(round_up(L, R), std::max<int64_t>(R, kBackwardChunkBytes / per_row / R * R));
+  tpc::AlignedBuf<float> small, rows, probs;
+  small.assign_zero(2 * d * mp + M * dp + 2 * mp + R * dp + 2 * Mr * dp);
+  float* kt = small.data();   // (d, mp): K^T * scale * log2(e)
   float* vt = kt + d * mp;    // (d, mp): V^T
-  float* kp = vt + d * mp;    // (M, dp): K
-  float* dk = kp + M * dp;    // (M, dp): dK accumulator
-  float* dv = dk + M * dp;    // (M, dp): dV accumulator
-  float* bias = dv + M * dp;  // (mp): 0 at the keys, -inf at the padding
+  float* kp = vt + d * mp;    // (M, dp): K, zero channels past d
+  float* bias = kp + M * dp;  // (mp): 0 at the keys, -inf at the padding
   float* zero = bias + mp;    // (mp): zeros
-  float* qb = zero + mp;       // (kR, dp): the block's query rows (zero rows and channels past the ends)
-  float* gb = qb + kR * dp;   // (kR, dp): the block's dO rows (likewise)
-  float* pb = gb + kR * dp;   // (kR, mp): probabilities
-  float* db = pb + kR * mp;   // (kR, mp): dP, then dS * scale
-  float* yb = db + kR * mp;   // (kR, dp): dQ rows
-  pack_transposed(g.k_row(s, h, 0), 2 * g.C, M, d, mp, g.scale_log2, kt);
-  pack_transposed(g.v_row(s, h, 0), 2 * g.C, M, d, mp, 1.0f, vt);
+  float* yb = zero + mp;      // (R, dp): a block's dQ rows
+  float* dk = yb + R * dp;    // (Mr, dp): dK, summed over the chunks
+  float* dv = dk + Mr * dp;   // (Mr, dp): dV, likewise
+  rows.assign_uninit(2 * Lc * dp);
+  float* qa = rows.data();    // (Lc, dp): the chunk's query rows, zero channels past d and zero rows past L
+  float* ga = qa + Lc * dp;   // (Lc, dp): its dO rows, likewise
+  // (Lc, mp) each, then R - 1 floats that the last key block of the second pass reads (not used).
+  probs.assign_uninit(2 * Lc * mp + R);
+  float* pa = probs.data();   // P
+  float* da = pa + Lc * mp;   // dS * scale
+  std::fill(da + Lc * mp, da + Lc * mp + R, 0.0f);
+  pack_transposed(g.k_row(s, h, 0), 2 * C, M, d, mp, g.scale_log2, kt);
+  pack_transposed(g.v_row(s, h, 0), 2 * C, M, d, mp, 1.0f, vt);
   pack_rows(g, g.k_row(s, h, 0), kp);
   std::fill(bias + M, bias + mp, -std::numeric_limits<float>::infinity());
   const float* lse_sh = lse + (s * g.H + h) * L;
-  const float* qrows[kR];
-  const float* grows[kR];
-  float ones[kR];
-  for (int r = 0; r < kR; ++r) qrows[r] = qb + r * dp, grows[r] = gb + r * dp, ones[r] = 1.0f;
-  for (int64_t i = 0; i < L; i += kR) {
-    const int rows = static_cast<int>(std::min<int64_t>(kR, L - i));
-    float lse_b[kR], m_unused[kR];
-    vf delta[kR];  // D_r = dO_r . o_r
-    for (int r = 0; r < kR; ++r) {
-      if (r < rows) {
-        const int64_t row = s * L + i + r;
-        copy_floats(qb + r * dp, g.q_row(s, h, i + r), d);
-        copy_floats(gb + r * dp, dO + row * C + h * d, d);
-        lse_b[r] = lse_sh[i + r] * kLog2e;  // in the logits' base-2 units
-        delta[r] = vsplat(dot(gb + r * dp, o + row * C + h * d, d));
-      } else {
-        // Zero rows with lse = +inf: probabilities exactly 0, so they add nothing to dK and dV.
-        std::fill(qb + r * dp, qb + r * dp + d, 0.0f);
-        std::fill(gb + r * dp, gb + r * dp + d, 0.0f);
-        lse_b[r] = std::numeric_limits<float>::infinity();
-        delta[r] = vf{};
+  const vf sc = vsplat(g.scale);
+  float ones[R];
+  for (int r = 0; r < R; ++r) ones[r] = 1.0f;
+  for (int64_t i0 = 0; i0 < L; i0 += Lc) {
+    const int64_t n = std::min(Lc, L - i0);  // the chunk's rows
+    const int64_t np = round_up(n, R);
+    for (int64_t i = 0; i < np; ++i) {
+      float* qr = qa + i * dp;
+      float* gr = ga + i * dp;
+      const int64_t c = i < n ? d : 0;
+      if (c) {
+        copy_floats(qr, g.q_row(s, h, i0 + i), d);
+        copy_floats(gr, dO + (s * L + i0 + i) * C + h * d, d);
       }
+      std::fill(qr + c, qr + dp, 0.0f);
+      std::fill(gr + c, gr + dp, 0.0f);
     }
-    logits<kR>(qrows, kt, bias, mp, d, pb, m_unused);
-    logits<kR>(grows, vt, zero, mp, d, db, m_unused);  // dP (0 at the padding, where P is 0)
-    const vf sc = vsplat(g.scale);
-    for (int64_t j = 0; j < mp; j += kW)
-#pragma GCC unroll 8
-      for (int r = 0; r < kR; ++r) {
-        const vf p = vexp2(vload(pb + r * mp + j) - vsplat(lse_b[r]));
-        vstore(pb + r * mp + j, p);
-        const vf dpv = vload(db + r * mp + j);
-        vstore(db + r * mp + j, p * (dpv - delta[r]) * sc);
+    for (int64_t i = 0; i < np; i += R) {
+      const float* qrows[R];
+      const float* grows[R];
+      float lse_b[R], m_unused[R];
+      vf delta[R];  // D_r = dO_r . o_r
+      for (int r = 0; r < R; ++r) {
+        const int64_t row = i + r;  // in the chunk
+        qrows[r] = qa + row * dp;
+        grows[r] = ga + row * dp;
+        if (row < n) {
+          lse_b[r] = lse_sh[i0 + row] * kLog2e;  // in the logits' base-2 units
+          delta[r] = vsplat(dot(grows[r], o + (s * L + i0 + row) * C + h * d, d));
+        } else {
+          // Zero rows with lse = +inf: probabilities exactly 0, and not summed in the second pass.
+          lse_b[r] = std::numeric_limits<float>::infinity();
+          delta[r] = vf{};
+        }
       }
-    accumulate(pb, mp, gb, M, dp, dv);           // dV += P^T dO
-    accumulate(db, mp, qb, M, dp, dk);           // dK += dS^T Q * scale
-    combine<kR>(db, mp, kp, M, dp, ones, yb);        // dQ = dS K * scale
-    for (int r = 0; r < rows; ++r) copy_floats(dq + (s * L + i + r) * C + h * d, yb + r * dp, d);
+      float* pb = pa + i * mp;
+      float* db = da + i * mp;
+      logits<R>(qrows, kt, bias, mp, d, pb, m_unused);
+      logits<R>(grows, vt, zero, mp, d, db, m_unused);  // dP (0 at the padding, where P is 0)
+      for (int64_t j = 0; j < mp; j += kW)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          const vf p = vexp2(vload(pb + r * mp + j) - vsplat(lse_b[r]));
+          vstore(pb + r * mp + j, p);
+          const vf dpv = vload(db + r * mp + j);
+          vstore(db + r * mp + j, p * (dpv - delta[r]) * sc);
+        }
+      combine<R>(db, mp, kp, M, dp, ones, yb);  // dQ = dS K * scale
+      const int64_t nr = std::min<int64_t>(R, n - i);
+      for (int64_t r = 0; r < nr; ++r) copy_floats(dq + (s * L + i0 + i + r) * C + h * d, yb + r * dp, d);
+    }
+    transposed_product<R>(pa, mp, ga, dp, n, M, dv);  // dV += P^T dO
+    transposed_product<R>(da, mp, qa, dp, n, M, dk);  // dK += dS^T Q * scale
   }
   for (int64_t j = 0; j < M; ++j) {
     float* row = dkv + (s * M + j) * 2 * C + h * d;

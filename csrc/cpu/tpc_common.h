@@ -49,6 +49,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <type_traits>
 #include <vector>
@@ -207,11 +208,20 @@ inline int64_t row_stride(int64_t C) { return (C + 15) / 16 * 16 + 16; }
 template <typename T>
 struct AlignedBuf {
   std::vector<T> v;
+  std::unique_ptr<T[]> u;
   T* p = nullptr;
   void assign_zero(int64_t n) {
     v.assign(static_cast<size_t>(n) + 64 / sizeof(T), T(0));
-    const auto a = reinterpret_cast<std::uintptr_t>(v.data());
-    p = v.data() + ((64 - a % 64) % 64) / sizeof(T);
+    align(v.data());
+  }
+  // n elements, not initialised: for scratch that is written before it is read.
+  void assign_uninit(int64_t n) {
+    u.reset(new T[static_cast<size_t>(n) + 64 / sizeof(T)]);
+    align(u.get());
+  }
+  void align(T* base) {
+    const auto a = reinterpret_cast<std::uintptr_t>(base);
+    p = base + ((64 - a % 64) % 64) / sizeof(T);
   }
   T* data() { return p; }
   const T* data() const { return p; }
