@@ -258,3 +258,31 @@ def test_replot_redraws_from_the_json(tiny_run, capsys):
         assert rc == 1 and "pip install matplotlib" in text
         return
     assert rc == 0 and (out / "bench.png").exists()
+
+
+def test_tra_bound_script_times_the_gemms_of_the_flop_model_and_prints_consistent_bounds(capsys):
+    """benchmarks/bench_tra_bound.py: its GEMMs are exactly the bench's TRA FLOP model less the
+    attention core (forward; forward+backward: those of the backward too), and each printed row
+    has the cpu/SDPA ratio and the two bounds in order (a free core allows more than one at the
+    GEMMs' rate)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_tra_bound.py"
+    spec = importlib.util.spec_from_file_location("bench_tra_bound", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    S, L, M, C = 3, 11, 5, 8
+    case = BC.Case("token_recovering_attention", "HoT-MotionAGFormer", "float32",
+                   tuple(sorted(dict(B=1, C=C, L=L, M=M, S=S, heads=2).items())), "forward")
+    _, fwd = mod.gemm_calls(S, L, M, C, backward=False)
+    assert fwd == BC.flop_model(case) - 4 * S * L * M * C
+    _, fb = mod.gemm_calls(S, L, M, C, backward=True)
+    assert fb == 3 * fwd  # the backward: two products per forward GEMM, each of its size
+    mod.main(["--model", "HoT-MotionAGFormer", "--batch", "1", "--rounds", "1"])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("HoT-MotionAGFormer")]
+    assert len(rows) == 2
+    for row in rows:
+        sdpa, cpu, ratio, gemm, _, _, free, at_rate = (float(v) for v in row[3:11])  # after "model B=1 mode"
+        assert abs(ratio - sdpa / cpu) < 0.01 and 0 < gemm < sdpa
+        assert free > at_rate > 0
