@@ -4,10 +4,9 @@
 // 1 (AVX2 + FMA) or 0 (the baseline). No include guard, on purpose.
 //
 // Vectors: 16 lanes in zmm (AVX-512), 8 in ymm (AVX2), 4 in xmm (baseline SSE2). Register blocks:
-// kR query rows at a time (R in the helpers); the logits hold up to max_v(R)
-// vectors of keys per row in registers (AVX-512: 4 rows x 6 vectors = the 96 padded keys of HoT's
-// M = 81 in one pass; AVX2: 6 x 2; the baseline: 4 x 2), the weighted sums up
-// to kSumV vectors of channels.
+// kR query rows (or keys) at a time, R in the helpers; the logits hold up to max_v(R) vectors of
+// keys per row in registers (AVX-512: 4 rows x 6 vectors = the 96 padded keys of HoT's M = 81 in
+// one pass; AVX2: 6 x 2; the baseline: 4 x 2), the other products up to kSumV vectors of channels.
 constexpr int kW = kIsa == 2 ? 16 : kIsa == 1 ? 8 : 4;
 typedef float vf __attribute__((vector_size(kW * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(kW * sizeof(int32_t))));
@@ -324,7 +323,8 @@ HK_HOT_IMPL void transposed_product(const float* a, int64_t lda, const float* b,
   constexpr bool kSplit = kIsa == 2;  // as in combine
   for (int64_t j0 = 0; j0 < M; j0 += R) {
     int64_t c0 = 0;
-    for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) transposed_cols<R, kSumV, false>(a, lda, b, dp, K, j0, c0, acc_rows);
+    for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW)
+      transposed_cols<R, kSumV, false>(a, lda, b, dp, K, j0, c0, acc_rows);
     if constexpr (kSumV > 2) {
       if (c0 + 2 * kW <= dp) transposed_cols<R, 2, kSplit>(a, lda, b, dp, K, j0, c0, acc_rows), c0 += 2 * kW;
     }
