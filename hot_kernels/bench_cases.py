@@ -21,8 +21,9 @@ Ops (``Case.op``) and their shape parameters:
 Candidates: ``reference`` (hot_kernels.reference, the published eager code path, called
 directly: no validation or dispatch), ``torch.compile(reference)``, for TRA ``sdpa`` (the same
 projections around ``F.scaled_dot_product_attention``, what a user would write instead), then the
-hot_kernels backends ``cpu``, ``cuda``, ``triton`` called through the public ops (validation and
-dispatch included, as a user pays them).
+hot_kernels backends ``cpu``, ``cuda``, ``triton`` called through the public ops with the backend
+named (validation and dispatch included, as a user pays them; a call naming ``cpu`` takes the same
+common-case path as a user's call that names none, see hot_kernels/functional.py).
 
 Checks: selections are compared tie-aware (:func:`selection_violations`: equal to the reference's,
 or valid up to rounding by a float64 interval analysis, so a pick may differ only at a genuine
