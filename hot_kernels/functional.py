@@ -240,8 +240,8 @@ def token_pruning_cluster(x: torch.Tensor, f: int, k: int = 2, center: int | Non
 # that the full path would accept unchanged and run on the cpu backend's eager path (plain CPU
 # tensors of a float dtype and valid shapes, Python ints and bools, backend None (the cpu backend
 # the default) or "cpu", no mask, no HOT_KERNELS_DEBUG, no autocast where it would cast, nothing
-# observing the call). For
-# anything else the full path validates (with its messages) and dispatches as always.
+# observing the call). For anything else the full path validates (with its messages) and
+# dispatches as always.
 
 
 def _is_plain(t, ndim: int) -> bool:
@@ -269,8 +269,8 @@ def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
     """token_recovering_attention's common case (backend None or "cpu", a shared or dense
     per-sequence query, weights and biases of x's dtype and shapes, an int num_heads dividing C,
     scale None or a finite float, no autocast), or None: take the full path."""
-    if ((backend is not None and backend != "cpu") or type(residual) is not bool or type(num_heads) is not int
-            or num_heads < 1 or not _is_plain(x, 3) or not _is_plain(query, 3)):
+    if (type(residual) is not bool or type(num_heads) is not int or num_heads < 1 or not _is_plain(x, 3)
+            or not _is_plain(query, 3)):
         return None
     dtype = x.dtype
     S, M, C = x.shape
@@ -291,7 +291,7 @@ def _tra_common_case(query, x, wq, bq, wk, bk, wv, bv, wo, bo, num_heads, scale,
     if torch.is_autocast_enabled("cpu") or not _common_case(backend, "token_recovering_attention"):
         return None
     tensors = (query, x, wq, bq, wk, bk, wv, bv, wo, bo)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):  # needs_graph
+    if _eager.needs_graph(*tensors):
         return _eager.token_recovering_attention(*tensors, num_heads, scale, residual, True, "cpu")[0]
     return _eager._run("token_recovering_attention", "cpu", *tensors, num_heads, scale, residual, False)[0]
 
