@@ -280,21 +280,31 @@ HK_HOT_IMPL void combine_cols(const float* const* p, const float* b, int64_t M, 
   }
 }
 
+// The channel blocks of a product over dp channels (combine, transposed_product): block(kv, split, c0)
+// with kv (a std::integral_constant) = kSumV vectors at a time, then 2, then 1. On AVX-512 the
+// narrower blocks split their sums in two (split: a std::bool_constant): 32 registers have room for
+// two sets of 4 x 2 (measured interleaved, TRA at B = 1, C = 128 / 256: 1-2 % faster forward and
+// forward+backward than one set).
+template <class Block>
+HK_HOT_IMPL void channel_blocks(int64_t dp, const Block& block) {
+  using Split = std::bool_constant<kIsa == 2>;
+  int64_t c0 = 0;
+  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) block(std::integral_constant<int, kSumV>{}, std::false_type{}, c0);
+  if constexpr (kSumV > 2) {
+    if (c0 + 2 * kW <= dp) block(std::integral_constant<int, 2>{}, Split{}, c0), c0 += 2 * kW;
+  }
+  for (; c0 < dp; c0 += kW) block(std::integral_constant<int, 1>{}, Split{}, c0);
+}
+
 // y (R rows of dp) = (p (R rows at stride mp, M used) times b (M rows of dp)) * mul[r].
 template <int R>
 HK_HOT_IMPL void combine(const float* p, int64_t mp, const float* b, int64_t M, int64_t dp, const float* mul,
                          float* y) {
   const float* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = p + r * mp;
-  int64_t c0 = 0;
-  // 32 registers: room for two sets of 4 x 2 (measured interleaved, TRA at B = 1, C = 128 / 256:
-  // 1-2 % faster forward and forward+backward than one set).
-  constexpr bool kSplit = kIsa == 2;
-  for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW) combine_cols<R, kSumV, false>(rows, b, M, dp, c0, mul, y);
-  if constexpr (kSumV > 2) {
-    if (c0 + 2 * kW <= dp) combine_cols<R, 2, kSplit>(rows, b, M, dp, c0, mul, y), c0 += 2 * kW;
-  }
-  for (; c0 < dp; c0 += kW) combine_cols<R, 1, kSplit>(rows, b, M, dp, c0, mul, y);
+  channel_blocks(dp, [&](auto kv, auto split, int64_t c0) __attribute__((always_inline)) {
+    combine_cols<R, decltype(kv)::value, decltype(split)::value>(rows, b, M, dp, c0, mul, y);
+  });
 }
 
 // acc (rows j < M of dp, and rows up to the next multiple of R) += a^T b: acc_j += sum_k a[k][j] b_k
@@ -320,15 +330,10 @@ HK_HOT_IMPL void transposed_cols(const float* a, int64_t lda, const float* b, in
 template <int R>
 HK_HOT_IMPL void transposed_product(const float* a, int64_t lda, const float* b, int64_t dp, int64_t K, int64_t M,
                                     float* acc_rows) {
-  constexpr bool kSplit = kIsa == 2;  // as in combine
   for (int64_t j0 = 0; j0 < M; j0 += R) {
-    int64_t c0 = 0;
-    for (; c0 + kSumV * kW <= dp; c0 += kSumV * kW)
-      transposed_cols<R, kSumV, false>(a, lda, b, dp, K, j0, c0, acc_rows);
-    if constexpr (kSumV > 2) {
-      if (c0 + 2 * kW <= dp) transposed_cols<R, 2, kSplit>(a, lda, b, dp, K, j0, c0, acc_rows), c0 += 2 * kW;
-    }
-    for (; c0 < dp; c0 += kW) transposed_cols<R, 1, kSplit>(a, lda, b, dp, K, j0, c0, acc_rows);
+    channel_blocks(dp, [&](auto kv, auto split, int64_t c0) __attribute__((always_inline)) {
+      transposed_cols<R, decltype(kv)::value, decltype(split)::value>(a, lda, b, dp, K, j0, c0, acc_rows);
+    });
   }
 }
 
