@@ -36,19 +36,6 @@ from hot_kernels import bench_cases as BC
 from hot_kernels.benchmark import environment
 
 
-def tra_inputs(S: int, L: int, M: int, C: int, seed: int = 0, grad: bool = False):
-    """The bench's TRA arguments: a shared query (1, L, C), x (S, M, C), the published module's
-    weights (no q/k/v biases, an output bias)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def t(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).requires_grad_(grad)
-
-    w = C ** -0.5
-    return [t(1, L, C), t(S, M, C), t(C, C, scale=w), None, t(C, C, scale=w), None, t(C, C, scale=w), None,
-            t(C, C, scale=w), t(C)]
-
-
 def gemm_calls(S: int, L: int, M: int, C: int, backward: bool):
     """(fn, FLOP): fn runs the projection GEMMs of one TRA call (forward, or forward and backward) as
     bare torch.mm calls into preallocated outputs."""
@@ -72,23 +59,18 @@ def gemm_calls(S: int, L: int, M: int, C: int, backward: bool):
     return run, flop
 
 
-def candidates(S: int, L: int, M: int, C: int, heads: int, backward: bool):
-    """{label: fn} for SDPA, the cpu backend and the GEMMs alone; and the GEMMs' FLOP."""
-    args = tra_inputs(S, L, M, C, grad=backward)
-    leaves = [a for a in args if a is not None]
-    grad_out = torch.randn(S, L, C, generator=torch.Generator().manual_seed(2))
-
-    def timed(fn):
-        if not backward:
-            return lambda: fn(*args)
-        return lambda: torch.autograd.grad(fn(*args), leaves, grad_out)
-
-    gemms, flop = gemm_calls(S, L, M, C, backward)
-    return {
-        "sdpa": timed(lambda *a: BC.sdpa_tra(*a, heads)),
-        "cpu": timed(lambda *a: hk.token_recovering_attention(*a, num_heads=heads, backend="cpu")),
-        "gemm": gemms,
-    }, flop
+def candidates(pub, B: int, backward: bool):
+    """{label: fn} for SDPA and the cpu backend, run exactly as ``hot-kernels bench`` runs them on its
+    inputs (bench_cases.candidates), and for the GEMMs alone; and the GEMMs' FLOP."""
+    cpu = torch.device("cpu")
+    case = BC._tra(pub, B, "float32", "forward+backward" if backward else "forward")
+    inputs = BC.make_inputs(case, cpu)
+    runs = {c.label: c for c in BC.candidates(case, cpu, inputs, backends=["sdpa", "cpu"])}
+    if runs["cpu"].fn is None:
+        raise SystemExit(f"the cpu backend cannot run here: {runs['cpu'].skip}")
+    p = case.p
+    gemms, flop = gemm_calls(p["S"], p["L"], p["M"], p["C"], backward)
+    return {label: (lambda fn=runs[label].fn: fn(inputs.args)) for label in ("sdpa", "cpu")} | {"gemm": gemms}, flop
 
 
 def medians(fns: dict, rounds: int) -> dict:
@@ -132,7 +114,7 @@ def main(argv=None):
         for B in batches:
             S, L, M, C = BC.JOINTS * B, pub.N, pub.f, pub.C
             for backward in (False, True):
-                fns, flop = candidates(S, L, M, C, pub.heads, backward)
+                fns, flop = candidates(pub, B, backward)
                 t = medians(fns, args.rounds)
                 core = (12 if backward else 4) * S * L * M * C
                 rate = flop / t["gemm"]
