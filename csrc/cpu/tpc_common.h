@@ -204,24 +204,20 @@ inline bool use_avx2_gram() {
 // rows alias in the L1 cache). The padding columns are zero.
 inline int64_t row_stride(int64_t C) { return (C + 15) / 16 * 16 + 16; }
 
-// A zero-initialised buffer whose data() is 64-byte aligned.
+// A buffer whose data() is 64-byte aligned: zeroed (assign_zero) or not (assign_uninit).
 template <typename T>
 struct AlignedBuf {
-  std::vector<T> v;
   std::unique_ptr<T[]> u;
   T* p = nullptr;
-  void assign_zero(int64_t n) {
-    v.assign(static_cast<size_t>(n) + 64 / sizeof(T), T(0));
-    align(v.data());
-  }
   // n elements, not initialised: for scratch that is written before it is read.
   void assign_uninit(int64_t n) {
     u.reset(new T[static_cast<size_t>(n) + 64 / sizeof(T)]);
-    align(u.get());
+    const auto a = reinterpret_cast<std::uintptr_t>(u.get());
+    p = u.get() + ((64 - a % 64) % 64) / sizeof(T);
   }
-  void align(T* base) {
-    const auto a = reinterpret_cast<std::uintptr_t>(base);
-    p = base + ((64 - a % 64) % 64) / sizeof(T);
+  void assign_zero(int64_t n) {
+    assign_uninit(n);
+    std::fill(p, p + n, T(0));
   }
   T* data() { return p; }
   const T* data() const { return p; }
