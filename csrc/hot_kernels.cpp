@@ -201,6 +201,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isas_supported", &hk::cpu_isas_supported, "CPU instruction-set paths this CPU runs, best first");
   m.def("cpu_isa", &hk::cpu_isa, "the CPU instruction-set path the row kernels take now");
   m.def("set_cpu_isa", &hk::set_cpu_isa, "take this CPU instruction-set path; returns the previous one");
+  m.def("cpu_cache_bytes", &hk::cpu_cache_bytes, "bytes the CPU scratch cache holds");
+  m.def("cpu_cache_limit", &hk::cpu_cache_limit, "bytes the CPU scratch cache may hold");
+  m.def("empty_cpu_cache", &hk::empty_cpu_cache, "free the CPU scratch buffers not in use; returns the bytes freed");
+  m.def("set_cpu_cache_limit", &hk::set_cpu_cache_limit, "set the CPU scratch cache's limit; returns the previous one");
   // The kernels run without the GIL, as torch's own ops do: their OpenMP workers copy the caller's
   // thread-local state (ThreadLocalState), which holds Python objects (saved-tensor hooks under
   // torch.utils.checkpoint, say) whose reference counts need the GIL. Holding it here would

@@ -138,6 +138,49 @@ def _check_cpu_isa_env() -> None:
 _check_cpu_isa_env()
 
 
+CPU_CACHE_ENV = "HOT_KERNELS_CPU_CACHE_MB"
+
+
+def cpu_cache_info() -> dict[str, int]:
+    """The cpu backend's buffer cache: ``{"bytes": held now, "limit": most it may hold}``.
+
+    TRA's large internal tensors (K|V, the attention output and its gradients, what the forward keeps
+    for the backward) come from buffers the process keeps between calls, up to the limit
+    (``HOT_KERNELS_CPU_CACHE_MB``, default 64, or :func:`set_cpu_cache_limit`), so that no call pays
+    the page faults of fresh memory; a tensor the user gets is never one of them. Both 0 without the
+    compiled extension."""
+    if _ext.C is None:
+        return {"bytes": 0, "limit": 0}
+    return {"bytes": int(_ext.C.cpu_cache_bytes()), "limit": int(_ext.C.cpu_cache_limit())}
+
+
+def empty_cpu_cache() -> int:
+    """Free the cached buffers of the cpu backend that no tensor uses now; returns the bytes freed."""
+    return 0 if _ext.C is None else int(_ext.C.empty_cpu_cache())
+
+
+def set_cpu_cache_limit(nbytes: int) -> int:
+    """Let the cpu backend's buffer cache hold at most ``nbytes`` (0: no cache; what does not fit is
+    allocated per call), freeing unused buffers above it; returns the previous limit."""
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+        raise ValueError(f"set_cpu_cache_limit(nbytes): expected an int >= 0, got {nbytes!r}")
+    if _ext.C is None:
+        return 0
+    return int(_ext.C.set_cpu_cache_limit(nbytes))
+
+
+def _check_cpu_cache_env() -> None:
+    value = os.environ.get(CPU_CACHE_ENV)
+    if value is not None and not (value.isdigit() and int(value) <= 1 << 30):
+        import warnings
+
+        warnings.warn(f"hot_kernels: {CPU_CACHE_ENV}={value!r} is not a whole number of MB; ignored "
+                      f"(the cpu backend's buffer cache keeps its default limit, 64 MB)", stacklevel=3)
+
+
+_check_cpu_cache_env()
+
+
 def _check_name(name, where: str) -> None:
     if name not in BACKENDS:
         raise ValueError(f"{where}: unknown backend {name!r}; expected one of {', '.join(BACKENDS)}")

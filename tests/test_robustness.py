@@ -968,6 +968,115 @@ def test_cpu_instruction_set_switch_contract():
             assert "HOT_KERNELS_CPU_ISA='bogus' is not one of" in run.stderr
 
 
+# ---- the cpu backend's buffer cache (csrc/cpu/scratch_cache.h) ---------------------------------------------
+
+
+def _tra_cases(target):
+    """TRA forward + backward on the cpu backend in every layout that takes cached buffers: fp32
+    (row kernels, kept K|V and o), bf16 (kept o filled chunk by chunk), fp64 (ATen's attention), a
+    per-sequence query, and forward alone (temporaries only)."""
+    out = []
+    for dtype, shared in ((torch.float32, True), (torch.float32, False), (torch.bfloat16, True), (torch.float64, True)):
+        a = tra_args(target, S=6, L=40, M=9, C=32, dtype=dtype, shared=shared, bias=True, requires_grad=True)
+        o = TRA(**a, num_heads=4, backend="cpu")
+        out += [o, *torch.autograd.grad(o, [t for t in a.values() if t is not None], target.t(6, 40, 32, seed=5, dtype=dtype))]
+        with torch.no_grad():
+            out.append(TRA(**a, num_heads=4, backend="cpu"))
+    return out
+
+
+def _owns_its_storage(t):
+    return t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.backend == "cpu"], ids=str)
+def test_cpu_cache_changes_no_result(target):
+    target.require("token_recovering_attention")
+    import gc
+
+    gc.collect()  # graphs of earlier tests awaiting collection may still hold buffers
+    before = hk.set_cpu_cache_limit(0)
+    try:
+        held = hk.cpu_cache_info()["bytes"]  # buffers still in use elsewhere in this process
+        uncached = _tra_cases(target)
+        assert hk.cpu_cache_info()["bytes"] == held, "a zero limit must cache nothing"
+        hk.set_cpu_cache_limit(64 << 20)
+        first, again = _tra_cases(target), _tra_cases(target)  # the second reuses the first's buffers
+        assert hk.cpu_cache_info()["bytes"] > held
+    finally:
+        hk.set_cpu_cache_limit(before)
+    for i, (a, b, c) in enumerate(zip(uncached, first, again)):
+        assert _same(a, b) and _same(a, c), f"output {i} differs with the cache"
+        assert _owns_its_storage(b) and _owns_its_storage(c), f"output {i} is a view of a cached buffer"
+    # Nothing outlives the calls: their buffers are all free again.
+    hk.empty_cpu_cache()
+    assert hk.cpu_cache_info()["bytes"] <= held
+
+
+@pytest.mark.parametrize("target", [t for t in TARGETS if t.backend == "cpu"], ids=str)
+def test_cpu_cache_never_reuses_a_buffer_in_use(target):
+    """What the forward keeps for the backward lives in cached buffers: other calls between the
+    forward and its backward (same shapes: the same buffer sizes), from this thread and from others
+    at the same time, must not write into them."""
+    target.require("token_recovering_attention")
+    import threading
+
+    def fwd_bwd(seed):
+        a = tra_args(target, S=4, L=30, M=7, C=32, seed=seed, requires_grad=True)
+        leaves = [t for t in a.values() if t is not None]
+        return a, leaves, TRA(**a, num_heads=4, backend="cpu")
+
+    a, leaves, held = fwd_bwd(1)
+    g = target.t(4, 30, 32, seed=9)
+    ref = torch.autograd.grad(TRA(**a, num_heads=4, backend="reference"), leaves, g)
+    # A fresh forward + backward of the same call is the expected answer (bitwise: deterministic).
+    _, lv, o = fwd_bwd(1)
+    want = torch.autograd.grad(o, lv, g)
+    errors = []
+
+    def other(seed):
+        try:
+            for _ in range(5):
+                _, lv, o = fwd_bwd(seed)
+                torch.autograd.grad(o, lv, torch.ones_like(o))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=other, args=(s,)) for s in (2, 3)]
+    for t in threads:
+        t.start()
+    other(4)
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    got = torch.autograd.grad(held, leaves, g)
+    assert _same(list(got), list(want)), "another call wrote into the buffers a pending backward needs"
+    for u, v in zip(got, ref):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_cache_contract():
+    for bad in (-1, 1.5, "1", True):
+        with pytest.raises(ValueError, match=r"set_cpu_cache_limit\(nbytes\): expected an int >= 0"):
+            hk.set_cpu_cache_limit(bad)
+    if _ext.C is None:
+        assert hk.cpu_cache_info() == {"bytes": 0, "limit": 0} and hk.empty_cpu_cache() == 0
+        return
+    before = hk.set_cpu_cache_limit(1 << 20)
+    try:
+        assert hk.cpu_cache_info()["limit"] == 1 << 20
+    finally:
+        assert hk.set_cpu_cache_limit(before) == 1 << 20
+    # The environment variable sets the limit at load; a malformed value warns and keeps the default.
+    code = "import hot_kernels as hk; print(hk.cpu_cache_info()['limit'])"
+    for value, want in (("8", 8 << 20), ("0", 0), ("8MB", 64 << 20), (" 8", 64 << 20)):
+        env = dict(os.environ, HOT_KERNELS_CPU_CACHE_MB=value)
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+        assert int(run.stdout.strip()) == want, value
+        assert ("is not a whole number of MB" in run.stderr) == (want == 64 << 20), run.stderr
+
+
 # ---- large tensors -----------------------------------------------------------------------------------------
 #
 # Offsets past 2^31 elements in the CPU kernels. Inputs are torch.empty: pages never written read as

@@ -342,7 +342,7 @@ HK_HOT_IMPL void transposed_product(const float* a, int64_t lda, const float* b,
 // Rows [i0, i1) of (sequence s, head h): their o rows and lse.
 void forward_task(const Geometry& g, int64_t s, int64_t h, int64_t i0, int64_t i1, float* o, float* lse) {
   const int64_t mp = g.mp, dp = g.dp, M = g.M, d = g.d;
-  tpc::AlignedBuf<float> buf;
+  thread_local tpc::AlignedBuf<float> buf;  // reused by the thread's next tasks (see AlignedBuf)
   buf.assign_zero(d * mp + M * dp + mp + kR * mp + kR * dp);
   float* kt = buf.data();    // (d, mp): K^T * scale * log2(e), zero padding columns
   float* vp = kt + d * mp;   // (M, dp): V, zero padding channels
@@ -394,7 +394,7 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
   // Rows per chunk: whole blocks, within the budget (at least one block).
   const int64_t per_row = 2 * (mp + dp) * int64_t(sizeof(float));
   const int64_t Lc = std::min(round_up(L, R), std::max<int64_t>(R, kBackwardChunkBytes / per_row / R * R));
-  tpc::AlignedBuf<float> small, rows, probs;
+  thread_local tpc::AlignedBuf<float> small, rows, probs;  // reused by the thread's next tasks
   small.assign_zero(2 * d * mp + M * dp + 2 * mp + R * dp + 2 * Mr * dp);
   float* kt = small.data();   // (d, mp): K^T * scale * log2(e)
   float* vt = kt + d * mp;    // (d, mp): V^T

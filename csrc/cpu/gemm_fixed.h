@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 
+#include "scratch_cache.h"
+
 #include <algorithm>
 #include <exception>
 
@@ -107,7 +109,7 @@ void run_fixed_tasks(int64_t tasks, const Task& task) {
 inline void gemm_fixed_split_k(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b, int64_t kc) {
   const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
   const int64_t kr = gemm_ceil_div(k, kc);
-  auto partial = at::empty({kc, m, n}, out.options());
+  auto partial = scratch_cache::empty({kc, m, n}, out.scalar_type());
   run_fixed_tasks(kc, [&](int64_t j) {
     const int64_t k0 = j * kr, kn = std::min(kr, k - k0);
     auto p = partial.select(0, j);
@@ -154,6 +156,13 @@ inline void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Ten
 // a b (+ bias) into a new (m, n) tensor.
 inline at::Tensor mm_fixed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  gemm_fixed(out, a, b, bias);
+  return out;
+}
+
+// The same into a scratch tensor (scratch_cache.h): for a temporary of the call only.
+inline at::Tensor mm_fixed_scratch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
+  auto out = scratch_cache::empty({a.size(0), b.size(1)}, a.scalar_type());
   gemm_fixed(out, a, b, bias);
   return out;
 }

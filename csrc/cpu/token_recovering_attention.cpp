@@ -28,9 +28,13 @@
 //    chunking for the same shapes whatever the thread count).
 //  * float16/bfloat16 are computed in float32 (chunk by chunk) and rounded once on output;
 //    lse is float32 (float64 for float64 inputs).
+//  * Every tensor the op keeps to itself (the temporaries, the stacked weight, the kept K|V and o)
+//    comes from scratch_cache.h: buffers kept between calls, so that no call pays the page faults of
+//    fresh memory. The tensors the user gets (out, the gradients) are plain allocations.
 #include "../hot_kernels.h"
 #include "attention_rows.h"
 #include "gemm_fixed.h"
+#include "scratch_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -150,7 +154,10 @@ struct Prepared {
   at::Tensor qs_shared;      // (L, C) query[0] Wq^T + bq (shared only)
 };
 
-at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) { return mm_fixed(in, w.t(), b); }
+// in w^T + b into a scratch tensor (scratch_cache.h): every projection made here is a temporary of the call.
+at::Tensor linear2d(const at::Tensor& in, const at::Tensor& w, const at::Tensor& b) {
+  return mm_fixed_scratch(in, w.t(), b);
+}
 
 Prepared prepare(const Dims& D, const at::Tensor& query, const at::Tensor& wq, const std::optional<at::Tensor>& bq,
                  const at::Tensor& wk, const std::optional<at::Tensor>& bk, const at::Tensor& wv,
@@ -159,7 +166,9 @@ Prepared prepare(const Dims& D, const at::Tensor& query, const at::Tensor& wq, c
   const auto cdt = D.cdt;
   p.wq = wq.to(cdt).contiguous();
   p.wo = wo.to(cdt).contiguous();
-  p.wkv = at::cat({wk.to(cdt), wv.to(cdt)}, 0);
+  p.wkv = scratch_cache::empty({2 * D.C, D.C}, cdt);
+  p.wkv.narrow(0, 0, D.C).copy_(wk);
+  p.wkv.narrow(0, D.C, D.C).copy_(wv);
   if (has(bq)) p.bq = bq->to(cdt).contiguous();
   if (has(bo)) p.bo = bo->to(cdt).contiguous();
   if (has(bk) || has(bv)) {
@@ -251,17 +260,24 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
   const auto copt = x.options().dtype(D.cdt);
   auto out = at::empty({S, L, C}, x.options());
   auto lse = at::empty({S, D.H, L}, copt);
-  auto kv_all = keep ? at::empty({S * M, 2 * C}, copt) : at::empty({0}, copt);
+  // Kept K|V and o are the op's own (saved for its backward, never handed to the user): cached buffers.
+  auto kv_all = keep ? scratch_cache::empty({S * M, 2 * C}, D.cdt) : at::empty({0}, copt);
   const bool same_dtype = D.cdt == D.dtype;
   // Kept K|V and o hold every sequence anyway: one chunk, and o is the attention's own output. Not
   // for float16/bfloat16, whose output projection needs a float32 temporary per chunk.
   const bool one_chunk = keep && same_dtype;
-  auto o_all = keep ? at::empty({one_chunk ? 0 : S * L, C}, copt) : at::empty({0}, copt);  // one chunk: set below
+  auto o_all = keep && !one_chunk ? scratch_cache::empty({S * L, C}, D.cdt) : at::empty({0}, copt);  // one chunk: set below
   if (S == 0) return {out, lse, kv_all, o_all};
   const Prepared p = prepare(D, query, wq, bq, wk, bk, wv, bv, wo, bo);
   const int64_t cs = one_chunk ? S : chunk_size(D, false);
   at::Tensor resid_shared;  // (L, C) query + bo, added to every sequence's output
-  if (D.shared && residual) resid_shared = p.bo.defined() ? p.q_in_shared + p.bo : p.q_in_shared;
+  if (D.shared && residual) {
+    resid_shared = scratch_cache::empty({L, C}, D.cdt);
+    if (p.bo.defined())
+      at::add_out(resid_shared, p.q_in_shared, p.bo);
+    else
+      resid_shared.copy_(p.q_in_shared);
+  }
 
   for (int64_t s0 = 0; s0 < S; s0 += cs) {
     const int64_t n = std::min(cs, S - s0);
@@ -269,7 +285,7 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
     auto lse_c = lse.narrow(0, s0, n);  // (n, H, L)
     at::Tensor o;
     if (M > 0 && rows_kernel(D)) {  // written in place: into the kept o, or a temporary
-      o = keep && !one_chunk ? o_all.narrow(0, s0 * L, n * L) : at::empty({n * L, C}, copt);
+      o = keep && !one_chunk ? o_all.narrow(0, s0 * L, n * L) : scratch_cache::empty({n * L, C}, D.cdt);
       const auto [q_rows, q_seq_stride] = query_rows(D, p, c);
       attn::forward(q_rows, q_seq_stride, c.kv, n, L, M, D.H, scale, o, lse_c);
       if (one_chunk) o_all = o;
@@ -287,7 +303,7 @@ std::vector<at::Tensor> token_recovering_attention_cpu(
       else if (keep)
         o = o_all.narrow(0, s0 * L, n * L).copy_(o);
     }
-    at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : at::empty({n * L, C}, o.options());
+    at::Tensor y = same_dtype ? out.narrow(0, s0, n).view({n * L, C}) : scratch_cache::empty({n * L, C}, D.cdt);
     if (D.shared && residual) {
       gemm_fixed(y, o, p.wo.t());
       y.view({n, L, C}).add_(resid_shared);  // query (+ bo): one pass
@@ -336,7 +352,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
   const bool same_dtype = D.cdt == D.dtype;
   auto dx = at::empty({S, M, C}, x.options());
   auto d_wq = at::zeros({C, C}, copt);
-  auto d_wkv = at::zeros({2 * C, C}, copt);
+  auto d_wkv = scratch_cache::zeros({2 * C, C}, D.cdt);  // returned as owned copies of its halves
   auto d_wo = at::zeros({C, C}, copt);
   auto d_bq = at::zeros({C}, copt);
   auto d_bkv = at::zeros({2 * C}, copt);
@@ -344,7 +360,7 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
   at::Tensor d_query;  // compute dtype; per-sequence: filled chunk by chunk
   at::Tensor dq_sum, g_sum;  // shared: sum_s dQ_s and sum_s grad_out_s, (L, C)
   if (D.shared) {
-    dq_sum = at::zeros({L, C}, copt);
+    dq_sum = scratch_cache::zeros({L, C}, D.cdt);
     g_sum = at::zeros({L, C}, copt);
   } else {
     d_query = at::empty({S, L, C}, query.options());
@@ -363,14 +379,14 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
       if (kept) {
         o = o_kept.narrow(0, s0 * L, n * L);
       } else {  // computed again: bitwise the forward's (deterministic); its lse is the one passed in
-        o = at::empty({n * L, C}, copt);
-        auto lse_again = at::empty({n, H, L}, copt);
+        o = scratch_cache::empty({n * L, C}, D.cdt);
+        auto lse_again = scratch_cache::empty({n, H, L}, D.cdt);
         attn::forward(q_rows, q_seq_stride, c.kv, n, L, M, H, scale, o, lse_again);
       }
       auto lse_c = lse.narrow(0, s0, n).to(D.cdt).contiguous();
-      auto dO = mm_fixed(g, p.wo).contiguous();  // (n*L, C)
-      auto dq_rows = at::empty({n * L, C}, copt);
-      dkv = at::empty({n * M, 2 * C}, copt);
+      auto dO = mm_fixed_scratch(g, p.wo);  // (n*L, C)
+      auto dq_rows = scratch_cache::empty({n * L, C}, D.cdt);
+      dkv = scratch_cache::empty({n * M, 2 * C}, D.cdt);
       attn::backward(dO, q_rows, q_seq_stride, c.kv, o, lse_c, n, L, M, H, scale, dq_rows, dkv);
       if (D.shared)
         dq_sum.add_(dq_rows.view({n, L, C}).sum(0));  // sum over the chunk's sequences
@@ -384,12 +400,12 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
       else
         oh = std::get<0>(attend(D, p, c, scale));
       auto lse_c = lse.narrow(0, s0, n).to(D.cdt);
-      auto dO = heads_view(mm_fixed(g, p.wo), n, L, D);  // (n, H, L, d)
+      auto dO = heads_view(mm_fixed_scratch(g, p.wo), n, L, D);  // (n, H, L, d)
       auto [dq, dk, dv] = at::_scaled_dot_product_flash_attention_for_cpu_backward(
           dO, q, k, v, oh, lse_c, 0.0, false, std::nullopt, scale);
       o = rows_of(oh);
       // dK | dV rows: one copy each out of the attention's (n, H, M, d) gradients.
-      dkv = at::empty({n * M, 2 * C}, copt);
+      dkv = scratch_cache::empty({n * M, 2 * C}, D.cdt);
       dkv.narrow(1, 0, C).view({n, M, H, D.d}).copy_(dk.transpose(1, 2));
       dkv.narrow(1, C, C).view({n, M, H, D.d}).copy_(dv.transpose(1, 2));
       if (D.shared)
@@ -412,14 +428,14 @@ std::vector<at::Tensor> token_recovering_attention_backward_cpu(
     if (same_dtype)
       gemm_fixed(dx_c, dkv, p.wkv);
     else
-      dx_c.copy_(mm_fixed(dkv, p.wkv));
+      dx_c.copy_(mm_fixed_scratch(dkv, p.wkv));
     gemm_fixed(d_wkv, dkv.t(), c.xc, {}, true);
     if (has(bk) || has(bv)) d_bkv.add_(dkv.sum(0));
     // Query.
     if (D.shared) {
       if (residual) g_sum.add_(g_seq_sum);
     } else {
-      auto dqin = mm_fixed(dq_c, p.wq);
+      auto dqin = mm_fixed_scratch(dq_c, p.wq);
       if (residual) dqin.add_(g);
       d_query.narrow(0, s0, n).view({n * L, C}).copy_(dqin);
       gemm_fixed(d_wq, dq_c.t(), c.q_in, {}, true);
