@@ -125,6 +125,19 @@ def _any_json(tmp_path):
     return tmp_path / "one" / "bench.json"
 
 
+def test_host_allocator_as_is_leaves_malloc_alone_and_says_so(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(H, "keep_freed_host_memory", lambda: calls.append(1) or "kept")
+    for choice, tuned, said in (("as-is", [], "as is (--host-allocator as-is)"), ("kept", [1], "kept")):
+        rc = cli.main(["bench", "--ops", "dpc", "--sweep", "N=12", "--sweep", "C=8", "--device", "cpu",
+                       "--backends", "reference", "--repeat", "1", "--host-allocator", choice,
+                       "--out", str(tmp_path / choice)])
+        assert rc == 0 and calls == tuned
+        doc, _ = H.load_records(str(tmp_path / choice / "bench.json"))
+        assert json.dumps(doc).count(said) >= 1, choice
+        calls.clear()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--ops", "dpc,nope"], "unknown op 'nope'"),
     (["--sweep", "X=1,2"], "NAME one of N, B, C"),
