@@ -299,3 +299,28 @@ def test_tra_bound_script_times_the_gemms_of_the_flop_model_and_prints_consisten
         sdpa, cpu, ratio, gemm, _, _, free, at_rate = (float(v) for v in row[3:11])  # after "model B=1 mode"
         assert abs(ratio - sdpa / cpu) < 0.01 and 0 < gemm < sdpa
         assert free > at_rate > 0
+
+
+def test_fresh_process_script_times_each_candidate_in_its_own_process(capsys):
+    """benchmarks/bench_fresh_process.py: one line per process with every candidate's median and
+    page faults per call; a forward+backward of an op without one is an argparse error."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_fresh_process.py"
+    spec = importlib.util.spec_from_file_location("bench_fresh_process", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.main(["--op", "dpc", "--mode", "forward+backward"])
+    assert "TRA only" in capsys.readouterr().err
+    assert mod.main(["--model", "HoT-MotionAGFormer", "--processes", "1", "--calls", "2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("process 1:")]
+    assert len(rows) == 1
+    parts = rows[0].split(": ", 1)[1].split(" | ")
+    assert [p.split()[0] for p in parts] == ["sdpa", "cpu"]  # cpu: timed, or "cpu skipped: why"
+    for p in parts:
+        if "skipped" in p:
+            continue
+        _, ms, _, faults, _ = p.split()
+        assert float(ms) > 0 and float(faults) >= 0
