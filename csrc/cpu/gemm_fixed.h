@@ -153,14 +153,7 @@ inline void gemm_fixed(const at::Tensor& out, const at::Tensor& a, const at::Ten
   });
 }
 
-// a b (+ bias) into a new (m, n) tensor.
-inline at::Tensor mm_fixed(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
-  auto out = at::empty({a.size(0), b.size(1)}, a.options());
-  gemm_fixed(out, a, b, bias);
-  return out;
-}
-
-// The same into a scratch tensor (scratch_cache.h): for a temporary of the call only.
+// a b (+ bias) into a new (m, n) scratch tensor (scratch_cache.h): for a tensor the op keeps to itself.
 inline at::Tensor mm_fixed_scratch(const at::Tensor& a, const at::Tensor& b, const at::Tensor& bias = {}) {
   auto out = scratch_cache::empty({a.size(0), b.size(1)}, a.scalar_type());
   gemm_fixed(out, a, b, bias);
