@@ -171,7 +171,7 @@ def set_cpu_cache_limit(nbytes: int) -> int:
 
 def _check_cpu_cache_env() -> None:
     value = os.environ.get(CPU_CACHE_ENV)
-    if value is not None and not (value.isdigit() and int(value) <= 1 << 30):
+    if value is not None and not (value.isascii() and value.isdigit() and int(value) <= 1 << 30):
         import warnings
 
         warnings.warn(f"hot_kernels: {CPU_CACHE_ENV}={value!r} is not a whole number of MB; ignored "

@@ -16,8 +16,8 @@ constexpr int64_t kDefaultLimitMB = 64;
 
 int64_t initial_limit() {
   if (const char* env = std::getenv("HOT_KERNELS_CPU_CACHE_MB")) {
-    // A malformed value is reported by the Python side (hot_kernels.cpu_cache_limit()), which reads
-    // the same variable; here it leaves the default.
+    // A malformed value is reported by the Python side (a warning when hot_kernels is imported),
+    // which reads the same variable; here it leaves the default.
     int64_t mb = 0;
     const char* c = env;
     for (; *c >= '0' && *c <= '9' && mb <= (int64_t(1) << 30); ++c) mb = mb * 10 + (*c - '0');
