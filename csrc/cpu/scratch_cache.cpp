@@ -40,6 +40,23 @@ Cache& cache() {
 
 bool in_use(const at::Tensor& b) { return b.storage().use_count() > 1; }
 
+// Frees, in order, every buffer not in use for which drop(buffer) holds (checked as the cache
+// shrinks); returns the bytes freed. The caller holds the mutex.
+template <class Drop>
+int64_t free_unused(Cache& c, const Drop& drop) {
+  int64_t freed = 0;
+  for (auto it = c.buffers.begin(); it != c.buffers.end();) {
+    if (!in_use(*it) && drop(*it)) {
+      freed += it->nbytes();
+      c.bytes -= it->nbytes();
+      it = c.buffers.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return freed;
+}
+
 }  // namespace
 
 at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
@@ -56,14 +73,7 @@ at::Tensor empty(at::IntArrayRef sizes, at::ScalarType dtype) {
       best = &b;
   if (!best) {
     // Free buffers of this dtype too small for the request make room for it.
-    for (auto it = c.buffers.begin(); it != c.buffers.end();) {
-      if (it->scalar_type() == dtype && it->numel() < numel && !in_use(*it)) {
-        c.bytes -= it->nbytes();
-        it = c.buffers.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    free_unused(c, [&](const at::Tensor& b) { return b.scalar_type() == dtype && b.numel() < numel; });
     if (need == 0 || c.bytes + need > c.limit) return at::empty(sizes, opt);
     c.buffers.push_back(at::empty({numel}, opt));
     c.bytes += need;
@@ -89,17 +99,7 @@ int64_t cached_bytes() {
 int64_t release() {
   Cache& c = cache();
   std::lock_guard<std::mutex> lock(c.mutex);
-  int64_t freed = 0;
-  for (auto it = c.buffers.begin(); it != c.buffers.end();) {
-    if (!in_use(*it)) {
-      freed += it->nbytes();
-      it = c.buffers.erase(it);
-    } else {
-      ++it;
-    }
-  }
-  c.bytes -= freed;
-  return freed;
+  return free_unused(c, [](const at::Tensor&) { return true; });
 }
 
 int64_t limit() {
@@ -114,15 +114,7 @@ int64_t set_limit(int64_t bytes) {
   std::lock_guard<std::mutex> lock(c.mutex);
   const int64_t previous = c.limit;
   c.limit = bytes;
-  // Free buffers not in use until the cache is within the new limit.
-  for (auto it = c.buffers.begin(); it != c.buffers.end() && c.bytes > c.limit;) {
-    if (!in_use(*it)) {
-      c.bytes -= it->nbytes();
-      it = c.buffers.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  free_unused(c, [&](const at::Tensor&) { return c.bytes > c.limit; });  // until within the new limit
   return previous;
 }
 
