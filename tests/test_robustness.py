@@ -990,8 +990,16 @@ def _owns_its_storage(t):
 
 
 @pytest.mark.parametrize("target", [t for t in TARGETS if t.backend == "cpu"], ids=str)
-def test_cpu_cache_changes_no_result(target):
+@pytest.mark.parametrize("isa", hk.supported_cpu_isas() if _ext.C is not None else [None])
+def test_cpu_cache_changes_no_result(target, isa):
+    # On every instruction-set path this CPU runs: each path's attention tasks keep their own
+    # thread-local scratch, reused across the calls' different shapes here.
     target.require("token_recovering_attention")
+    with hk.use_cpu_isa(isa) if isa else contextlib.nullcontext():
+        _check_cpu_cache_changes_no_result(target)
+
+
+def _check_cpu_cache_changes_no_result(target):
     import gc
 
     gc.collect()  # graphs of earlier tests awaiting collection may still hold buffers
