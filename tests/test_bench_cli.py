@@ -324,3 +324,27 @@ def test_fresh_process_script_times_each_candidate_in_its_own_process(capsys):
             continue
         _, ms, _, faults, _ = p.split()
         assert float(ms) > 0 and float(faults) >= 0
+
+
+def test_bench_model_records_its_host_allocator_choice(tmp_path, monkeypatch):
+    """benchmarks/bench_model.py --host-allocator: kept (the default) tunes glibc as the bench does,
+    as-is leaves it alone, and model.json says which (the models themselves are not run here)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_model.py"
+    spec = importlib.util.spec_from_file_location("bench_model_alloc", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    calls = []
+    monkeypatch.setattr(H, "keep_freed_host_memory", lambda: calls.append(1) or "kept")
+    monkeypatch.setattr(mod, "run", lambda *a, **k: ([], H.environment("cpu")))
+    for choice, tuned, said in ((None, [1], "kept"), ("as-is", [], "as is (--host-allocator as-is)"),
+                                ("kept", [1], "kept")):
+        out = tmp_path / str(choice)
+        argv = ["--device", "cpu", "--out", str(out)] + (["--host-allocator", choice] if choice else [])
+        assert mod.main(argv) == 0
+        assert calls == tuned, choice
+        doc, _ = H.load_records(str(out / "model.json"))
+        assert doc["settings"]["host allocator"] == said, choice
+        calls.clear()
