@@ -116,6 +116,11 @@ HK_HOT_IMPL void copy_floats(float* dst, const float* src, int64_t n) {
   for (; c < n; ++c) dst[c] = src[c];
 }
 
+// Pull the n floats from p into the cache (a row slice the caller reads a few rows from now).
+HK_HOT_IMPL void prefetch_floats(const float* p, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(p + c, 0, 3);
+}
+
 // One butterfly step of a kW x kW transpose (rows r[i], r[i + h] for i with bit h clear): after the
 // steps h = kW/2, ..., 1, r[i] holds column i.
 template <int h, int... l>
@@ -404,9 +409,10 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
   float* yb = zero + mp;      // (R, dp): a block's dQ rows
   float* dk = yb + R * dp;    // (Mr, dp): dK, summed over the chunks
   float* dv = dk + Mr * dp;   // (Mr, dp): dV, likewise
-  rows.assign_uninit(2 * Lc * dp);
+  rows.assign_uninit(2 * Lc * dp + Lc);
   float* qa = rows.data();    // (Lc, dp): the chunk's query rows, zero channels past d and zero rows past L
   float* ga = qa + Lc * dp;   // (Lc, dp): its dO rows, likewise
+  float* dd = ga + Lc * dp;   // (Lc): D_i = dO_i . o_i of its rows
   // (Lc, mp) each, then R - 1 floats that the last key block of the second pass reads (not used).
   probs.assign_uninit(2 * Lc * mp + R);
   float* pa = probs.data();   // P
@@ -423,13 +429,27 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
   for (int64_t i0 = 0; i0 < L; i0 += Lc) {
     const int64_t n = std::min(Lc, L - i0);  // the chunk's rows
     const int64_t np = round_up(n, R);
+    // The rows' head slices are d of C channels, rows C apart in memory: each row is new cache
+    // lines that the hardware prefetchers do not fetch ahead, so the loop asks for them kAhead rows
+    // early, and D's dot product reads o's row here too (measured, perf samples in the backward
+    // task, fp32, Xeon, AVX-512: this loop and that product had a tenth of them, waiting on those
+    // loads; with the prefetch the task takes 2-9 % less CPU time at HoT-MotionBERT,
+    // -MotionAGFormer and -MixSTE B = 1, the same results bitwise).
+    constexpr int64_t kAhead = 8;
     for (int64_t i = 0; i < np; ++i) {
       float* qr = qa + i * dp;
       float* gr = ga + i * dp;
       const int64_t c = i < n ? d : 0;
       if (c) {
+        const int64_t row = s * L + i0 + i;
+        if (i + kAhead < n) {
+          prefetch_floats(g.q_row(s, h, i0 + i + kAhead), d);
+          prefetch_floats(dO + (row + kAhead) * C + h * d, d);
+          prefetch_floats(o + (row + kAhead) * C + h * d, d);
+        }
         copy_floats(qr, g.q_row(s, h, i0 + i), d);
-        copy_floats(gr, dO + (s * L + i0 + i) * C + h * d, d);
+        copy_floats(gr, dO + row * C + h * d, d);
+        dd[i] = dot(gr, o + row * C + h * d, d);
       }
       std::fill(qr + c, qr + dp, 0.0f);
       std::fill(gr + c, gr + dp, 0.0f);
@@ -445,7 +465,7 @@ void backward_task(const Geometry& g, const float* dO, const float* o, const flo
         grows[r] = ga + row * dp;
         if (row < n) {
           lse_b[r] = lse_sh[i0 + row] * kLog2e;  // in the logits' base-2 units
-          delta[r] = vsplat(dot(grows[r], o + (s * L + i0 + row) * C + h * d, d));
+          delta[r] = vsplat(dd[row]);
         } else {
           // Zero rows with lse = +inf: probabilities exactly 0, and not summed in the second pass.
           lse_b[r] = std::numeric_limits<float>::infinity();
