@@ -110,13 +110,6 @@ std::vector<std::string> cpu_isas_supported();
 std::string cpu_isa();
 std::string set_cpu_isa(const std::string& name);
 
-// The CPU scratch cache (csrc/cpu/scratch_cache.h): bytes held, the limit, freeing the buffers not
-// in use (returns the bytes freed), setting the limit (returns the previous one).
-int64_t cpu_cache_bytes();
-int64_t cpu_cache_limit();
-int64_t empty_cpu_cache();
-int64_t set_cpu_cache_limit(int64_t bytes);
-
 #ifdef HOT_KERNELS_WITH_CUDA
 // ---- CUDA (csrc/cuda/) -----------------------------------------------------------------------
 // Build probe: out[i] = i for i in [0, n), int64 on the current CUDA device. Proves that the

@@ -1,8 +1,6 @@
 // The CPU scratch cache (scratch_cache.h).
 #include "scratch_cache.h"
 
-#include "../hot_kernels.h"
-
 #include <cstdlib>
 #include <limits>
 #include <mutex>
@@ -119,10 +117,5 @@ int64_t set_limit(int64_t bytes) {
 }
 
 }  // namespace scratch_cache
-
-int64_t cpu_cache_bytes() { return scratch_cache::cached_bytes(); }
-int64_t cpu_cache_limit() { return scratch_cache::limit(); }
-int64_t empty_cpu_cache() { return scratch_cache::release(); }
-int64_t set_cpu_cache_limit(int64_t bytes) { return scratch_cache::set_limit(bytes); }
 
 }  // namespace hot_kernels
