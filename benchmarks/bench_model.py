@@ -253,9 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget", type=float, default=1.5, help="timed seconds per measurement (default 1.5)")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--out", help="folder for model.json and command.txt")
-    p.add_argument("--host-allocator", choices=("kept", "as-is"), default="kept",
-                   help="kept (default): glibc keeps freed memory, as `hot-kernels bench` has it; as-is: leave "
-                        "glibc as a user's process has it (large temporaries may page-fault on every call)")
+    p.add_argument("--host-allocator", choices=H.HOST_ALLOCATOR_CHOICES, default="kept", help=H.HOST_ALLOCATOR_HELP)
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -268,7 +266,7 @@ def main(argv=None) -> int:
     policy = H.TimingPolicy(budget_s=a.budget, min_repeat=3, max_repeat=100 if device.type == "cuda" else 30,
                             warmup=2 if device.type == "cuda" else 1)
     autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.autocast)
-    allocator = H.keep_freed_host_memory() if a.host_allocator == "kept" else "as is (--host-allocator as-is)"
+    allocator = H.host_allocator(a.host_allocator)
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     records, env = run(wanted, batches, device, a.small, policy, autocast=autocast)

@@ -243,6 +243,17 @@ def keep_freed_host_memory() -> str | None:
     return None
 
 
+HOST_ALLOCATOR_CHOICES = ("kept", "as-is")
+HOST_ALLOCATOR_HELP = ("kept (default): glibc keeps freed memory, so no call's time depends on whether its "
+                       "temporaries page-fault in fresh memory; as-is: leave glibc as a user's process has it")
+
+
+def host_allocator(choice: str) -> str | None:
+    """Apply a --host-allocator choice (HOST_ALLOCATOR_CHOICES) for the rest of the process; returns
+    what to record in the run's settings (None: kept asked for, but this is not glibc)."""
+    return keep_freed_host_memory() if choice == "kept" else "as is (--host-allocator as-is)"
+
+
 # ------------------------------------------------------------------------------------------------
 # Peak memory.
 # ------------------------------------------------------------------------------------------------

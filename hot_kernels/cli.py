@@ -161,6 +161,7 @@ def _device_arg(text: str) -> str:
 
 def _add_bench_parser(sub) -> argparse.ArgumentParser:
     from . import bench_cases as BC
+    from . import benchmark as H
 
     p = sub.add_parser(
         "bench", help="microbenchmarks against the baselines (writes bench.json and bench.png)",
@@ -205,9 +206,7 @@ def _add_bench_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, help="a fixed number of timed calls instead of a time budget")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--host-allocator", choices=("kept", "as-is"), default="kept",
-                   help="kept (default): glibc keeps freed memory, so no call's time depends on whether its "
-                        "temporaries page-fault in fresh memory; as-is: leave glibc as a user's process has it")
+    p.add_argument("--host-allocator", choices=H.HOST_ALLOCATOR_CHOICES, default="kept", help=H.HOST_ALLOCATOR_HELP)
     p.add_argument("--triton-knobs", action="store_true",
                    help="also time the triton TRA kernels' tuning variants (hot_kernels/triton/tra.py knobs)")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
@@ -267,7 +266,7 @@ def bench(args, parser: argparse.ArgumentParser) -> int:
         print(f"{len(cases)} cases")
         return 0
     policy = H.policy_for(device.type, args.quick, args.budget, args.repeat)
-    allocator = H.keep_freed_host_memory() if args.host_allocator == "kept" else "as is (--host-allocator as-is)"
+    allocator = H.host_allocator(args.host_allocator)
     env = H.environment(device)
     clock = "CUDA events, L2 flushed before each call" if device.type == "cuda" else "time.perf_counter per call"
     print(f"hot-kernels bench: {len(cases)} cases on {env['device']} ({device.type}, {env['cpu_threads']} CPU threads); "
